@@ -1,0 +1,315 @@
+"""`lowmem-rlhf`: plan, estimate and run RLHF stages on one GPU (or the CPU).
+
+Every command answers bad input with one line (`error: <what, where, how to fix>`) and exit code 2;
+`plan`/`auto --dry-run` exit 1 when nothing fits. Human output is rich tables; `--json` is for
+scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lowmem_rlhf import __version__
+from lowmem_rlhf.errors import UserError
+
+app = typer.Typer(
+    name="lowmem-rlhf",
+    help="SFT, reward-model and PPO training on one consumer GPU. `plan` tells you, before a byte "
+    "of weights is loaded, which memory profile makes every stage fit your card.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+GPU_HELP = ("GPU preset to plan for (e.g. 3090, 4090, 3060-12gb, t4, a100-80gb); default: the GPU "
+            "detected here, or the CPU when there is none")
+MODEL_HELP = ("model preset (llama-2-7b, llama-2-13b, llama-3-8b, mistral-7b, qwen2.5-7b, chatglm3-6b, "
+              "gpt2, opt-1.3b, smollm2-135m), a local folder with config.json, or a hub id")
+
+
+def _gib(b: int) -> str:
+    return f"{b / 1024**3:.2f}"
+
+
+def _hardware(gpu, vram, ram):
+    from lowmem_rlhf.hardware import resolve_hardware
+
+    return resolve_hardware(gpu=gpu, vram_gib=vram, ram_gib=ram)
+
+
+def _shape(seq_len, batch, prompt_len, response_len, rollout_batch):
+    from lowmem_rlhf.config import Shape
+
+    return Shape(seq_len=seq_len, batch=batch, prompt_len=prompt_len, response_len=response_len,
+                 rollout_batch=rollout_batch)
+
+
+def _profiles(names: Optional[str]):
+    from lowmem_rlhf.config import load_all_profiles, load_profile
+
+    if names:
+        return [load_profile(n.strip()) for n in names.split(",") if n.strip()]
+    return load_all_profiles()
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip().lower() for s in text.split(",") if s.strip())
+    if not stages:
+        raise UserError("--stages: give at least one of sft, rm, ppo")
+    return stages
+
+
+def print_plan(p) -> None:
+    """Candidates table, the chosen profile and its per-stage breakdown."""
+    from lowmem_rlhf.model_spec import param_count_str
+
+    budget, what = p.budget()
+    s = p.shape
+    out.print(f"[bold]Plan[/bold] for {p.spec.name} ({param_count_str(p.spec.total_params)} params) on "
+              f"{p.hardware.describe()}")
+    out.print(f"budget: {_gib(budget)} GiB of {what}; SFT/RM seq {s.seq_len}, batch {s.batch}; "
+              f"PPO prompt {s.prompt_len} + response {s.response_len}, rollout batch {s.rollout_batch}")
+    fig = "device" if p.target == "cuda" else "cpu_ram"
+    t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
+    t.add_column("profile")
+    t.add_column("micro x accum")
+    for st in p.stages:
+        t.add_column(st.upper(), justify="right")
+    t.add_column("verdict")
+    for c in p.candidates:
+        row = [c.profile.name, f"{c.profile.micro_batch} x {c.profile.grad_accum}" if c.estimates else "-"]
+        for st in p.stages:
+            e = c.estimates.get(st)
+            row.append(_gib(getattr(e, fig)) if e else "-")
+        row.append(("[green]fits[/green] " if c.fits else "[red]no[/red]: ") + (c.reason if not c.fits else ""))
+        t.add_row(*row)
+    out.print(t)
+    chosen = p.chosen
+    if chosen is None:
+        return
+    out.print(f"[bold green]chosen: {chosen.profile.name}[/bold green] ({chosen.profile.description}); "
+              f"micro-batch {chosen.profile.micro_batch} x {chosen.profile.grad_accum} accumulation. "
+              f"{chosen.reason}.")
+    rejected = [c for c in p.candidates if not c.fits]
+    if rejected:
+        out.print("higher-ranked profiles rejected: " + "; ".join(
+            f"{c.profile.name} ({c.reason}, short {_gib(c.short_bytes)} GiB)" if c.short_bytes else
+            f"{c.profile.name} ({c.reason})" for c in rejected))
+    print_breakdown(chosen.estimates, p.target)
+
+
+def print_breakdown(estimates: dict, target: str) -> None:
+    """Component x stage table (GiB at each stage's peak phase)."""
+    t = Table(title="estimate by component at each stage's peak phase (GiB)")
+    t.add_column("component")
+    for st, e in estimates.items():
+        t.add_column(f"{st.upper()} ({e.peak.name})", justify="right")
+    names: list[str] = []
+    for e in estimates.values():
+        names += [k for k in e.components if k not in names]
+    for n in names:
+        t.add_row(n, *[_gib(e.components.get(n, 0)) for e in estimates.values()])
+    t.add_section()
+    rows = [("allocated", "allocated"), ("reserved", "reserved")]
+    if target == "cuda":
+        rows.append(("device (nvidia-smi)", "device"))
+    rows.append(("CPU RAM", "cpu_ram"))
+    for label, attr in rows:
+        t.add_row(label, *[_gib(getattr(e, attr)) for e in estimates.values()])
+    out.print(t)
+    for st, e in estimates.items():
+        for note in e.notes:
+            out.print(f"note ({st}): {note}")
+
+
+def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
+              stages, profiles, as_json):
+    from lowmem_rlhf.model_spec import load_spec
+    from lowmem_rlhf.planner import advice, plan
+
+    shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
+    hw = _hardware(gpu, vram, ram)
+    spec = load_spec(model)
+    p = plan(spec, hw, shape, _profiles(profiles), _stages(stages))
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        print_plan(p)
+    if p.chosen is None:
+        budget, what = p.budget()
+        raise NoFit(f"no profile fits {spec.name} ({', '.join(p.stages)}) in {_gib(budget)} GiB of {what}: {advice(p)}")
+    return p
+
+
+class NoFit(UserError):
+    """Nothing fits: exit 1 (the input was valid, the hardware is too small)."""
+
+    exit_code = 1
+
+
+@app.command()
+def plan(
+    gpu: Optional[str] = typer.Option(None, "--gpu", help=GPU_HELP),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory in GiB (overrides --gpu's)"),
+    ram: Optional[float] = typer.Option(None, "--ram", help="CPU RAM in GiB (default: this machine's available RAM)"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length in tokens"),
+    batch: int = typer.Option(16, "--batch", help="effective batch (sequences per optimizer step)"),
+    prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length in tokens"),
+    response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens per prompt"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    stages: str = typer.Option("sft,rm,ppo", "--stages", help="stages that must fit, comma-separated"),
+    profiles: Optional[str] = typer.Option(None, "--profiles", help="only these profiles (names or YAML paths, comma-separated)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+):
+    """Which profile makes SFT, RM and PPO fit this card, and each stage's estimated peak."""
+    _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
+              stages, profiles, as_json)
+
+
+@app.command()
+def estimate(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    stage: str = typer.Option("sft", "--stage", help="sft, rm or ppo"),
+    profile: str = typer.Option("qlora-shared", "--profile", help="profile whose knobs the flags below override"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none, nf4, fp4 or int8"),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="NF4/FP4 double quantization"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (weights and compute)"),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank; 0 = full fine-tune"),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="comma-separated linear names, or all-linear"),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout (its masks cost memory)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length in tokens"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="micro-batch (sequences per forward)"),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, adamw_8bit, paged_adamw_32bit, paged_adamw_8bit"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none or zero3 (DeepSpeed param+optimizer offload)"),
+    kbit_upcast: Optional[bool] = typer.Option(None, "--kbit-upcast/--no-kbit-upcast", help="peft k-bit prep's fp32 cast of non-quantized params"),
+    prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length"),
+    response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    separate_models: bool = typer.Option(False, "--separate-models", help="PPO with four model copies instead of one shared base"),
+    target: str = typer.Option("cuda", "--target", help="cuda (GPU figures) or cpu (host RAM)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (allocated_gib, reserved_gib, device_gib, cpu_ram_gib, components, phases)"),
+):
+    """Peak memory of one stage for explicit knobs, by component and phase."""
+    from lowmem_rlhf.config import Profile, dataclass_from_dict, load_profile
+    from lowmem_rlhf.estimator import estimate as run_estimate
+    from lowmem_rlhf.model_spec import load_spec
+
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"--target must be cuda or cpu, got {target!r}")
+    base = load_profile(profile).to_dict()
+    overrides = {"quant": quant, "double_quant": double_quant, "dtype": dtype, "lora_r": lora_r,
+                 "lora_dropout": lora_dropout, "micro_batch": batch, "grad_ckpt": grad_ckpt,
+                 "optimizer": optimizer, "offload": offload, "kbit_fp32_upcast": kbit_upcast}
+    if lora_targets is not None:
+        overrides["lora_targets"] = "all-linear" if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",") if t.strip()]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("lora_r") == 0 and "quant" not in given and base["quant"] != "none":
+        raise UserError(f"--lora-r 0 (full fine-tune) with profile {profile}'s quant={base['quant']}: "
+                        "quantized weights cannot be trained; add --quant none")
+    base.update(given)
+    flags = {"quant": "--quant", "dtype": "--dtype", "optimizer": "--optimizer", "offload": "--offload"}
+    try:
+        prof: Profile = dataclass_from_dict(Profile, base, "flags")
+    except UserError as e:
+        msg = str(e)
+        for field, flag in flags.items():
+            msg = msg.replace(f"field {field!r}", flag)
+        raise UserError(msg.replace("flags: ", "", 1)) from None
+    shape = _shape(seq_len, 16, prompt_len, response_len, rollout_batch)
+    spec = load_spec(model)
+    est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models)
+    if as_json:
+        d = est.to_dict()
+        d["profile_settings"] = prof.to_dict()
+        print(json.dumps(d, indent=2))
+        return
+    out.print(f"[bold]{stage.upper()}[/bold] {spec.name}: quant={prof.quant}"
+              f"{'+dq' if prof.double_quant and prof.quant in ('nf4', 'fp4') else ''} dtype={prof.dtype} "
+              f"lora_r={prof.lora_r} ckpt={prof.grad_ckpt} optimizer={prof.optimizer} offload={prof.offload} "
+              f"micro-batch={prof.micro_batch}")
+    t = Table(title=f"{stage.upper()} by phase (GiB)")
+    t.add_column("component")
+    for ph in est.phases:
+        t.add_column(ph.name, justify="right")
+    names: list[str] = []
+    for ph in est.phases:
+        names += [k for k in ph.components if k not in names]
+    for n in names:
+        t.add_row(n, *[_gib(ph.components.get(n, 0)) for ph in est.phases])
+    t.add_section()
+    for label, attr in (("allocated", "allocated"), ("reserved", "reserved"), ("device (nvidia-smi)", "device"), ("CPU RAM", "cpu_ram")):
+        if attr == "device" and target != "cuda":
+            continue
+        t.add_row(label, *[_gib(getattr(ph, attr)) for ph in est.phases])
+    out.print(t)
+    out.print(f"peak: {est.peak.name}: allocated {_gib(est.allocated)} GiB, reserved {_gib(est.reserved)} GiB"
+              + (f", device {_gib(est.device)} GiB" if target == "cuda" else "")
+              + f", CPU RAM {_gib(est.cpu_ram)} GiB")
+    for note in est.notes:
+        out.print(f"note: {note}")
+
+
+@app.command()
+def auto(
+    gpu: Optional[str] = typer.Option(None, "--gpu", help=GPU_HELP),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory in GiB"),
+    ram: Optional[float] = typer.Option(None, "--ram", help="CPU RAM in GiB"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP + " (default: the embedded SmolLM2-135M-Instruct)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length"),
+    batch: int = typer.Option(16, "--batch", help="effective batch"),
+    prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length"),
+    response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+):
+    """Detect (or take) the hardware, plan, and run SFT -> RM -> PPO with the chosen profile."""
+    p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
+                  "sft,rm,ppo", None, as_json)
+    if dry_run:
+        if not as_json:
+            out.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
+                      f"{p.chosen.profile.name}; nothing was loaded.")
+        return
+    raise UserError("auto can only plan in this version (training stages are not built yet): add --dry-run")
+
+
+@app.command()
+def version():
+    """Print the lowmem-rlhf version."""
+    print(__version__)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: one-line errors, never a traceback for bad input."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted", markup=False)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

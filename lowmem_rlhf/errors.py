@@ -1,0 +1,5 @@
+"""User-facing errors: one line naming what is wrong and how to fix it."""
+
+
+class UserError(Exception):
+    """An error caused by user input. The CLI prints `error: <message>` and exits 2, never a traceback."""

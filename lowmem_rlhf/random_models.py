@@ -1,0 +1,42 @@
+"""Random-initialised models built from configs: no download, real transformers classes.
+
+Tiny ones make fast unit tests; preset-shaped ones (7B, 13B) serve GPU measurements.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_config():
+    """4-layer Llama with grouped-query attention (8 heads, 2 kv heads), untied output layer."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,
+                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_gpt2_config():
+    """4-layer GPT-2: Conv1D linears, LayerNorm, gelu_new, residual dropout, tied embeddings.
+
+    attn_pdrop=0: with attention dropout the CPU SDPA falls back to the math kernel (a seq^2
+    tensor) while CUDA's flash/efficient kernels do not; the estimator models CUDA.
+    """
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=1000, n_positions=512, attn_pdrop=0.0,
+                      bos_token_id=1, eos_token_id=2)
+
+
+def save_random(config, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Instantiate `config` with random weights and save it as a model folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    return folder
