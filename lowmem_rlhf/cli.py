@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -284,14 +285,141 @@ def auto(
     raise UserError("auto can only plan in this version (training stages are not built yet): add --dry-run")
 
 
+def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, max_len: int, batch: int,
+                   gpu, vram, ram, trust_remote_code: bool):
+    """The profile a training stage runs with: the named one, or the planner's pick for this machine."""
+    from lowmem_rlhf.config import load_all_profiles, load_profile
+    from lowmem_rlhf.embedded import resolve_model_path
+    from lowmem_rlhf.loading import resolve_source
+    from lowmem_rlhf.model_spec import load_spec
+    from lowmem_rlhf.planner import choose_profile
+
+    if profile:
+        prof = load_profile(profile)
+        if not prof.is_lora or prof.offload != "none":
+            raise UserError(f"profile {prof.name}: this version trains LoRA adapters on a shared base "
+                            "without offload; use qlora-shared or lora-bf16-shared")
+        return prof, None
+    source = resolve_source(resolve_model_path(model))
+    shape = _shape(max_len, batch, 256, 256, 8)
+    chosen = choose_profile(load_spec(source), _hardware(gpu, vram, ram), shape, load_all_profiles(), (stage,))
+    return chosen.profile, chosen
+
+
+def _print_summary(summary: dict, title: str) -> None:
+    from lowmem_rlhf.report import print_memory_report
+
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in summary.items():
+        if k == "memory" or isinstance(v, (list, dict)) and k not in ("eval_before", "eval_after"):
+            continue
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4f}"
+        t.add_row(k, str(v))
+    out.print(t)
+    print_memory_report(summary["memory"], out)
+
+
+OUT_HELP = "run folder; the stage writes RUN/<stage>/ only when it completes"
+PROFILE_HELP = "profile name or YAML path (default: the planner's pick for this machine)"
+
+
+@app.command()
+def sft(
+    data: str = typer.Option(..., "--data", "-d", help="instruction data: .json/.jsonl(.gz)/.parquet (self_instruct, alpaca, messages, hh-rlhf) or a hub dataset"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    max_steps: int = typer.Option(50, "--max-steps", help="optimizer steps"),
+    max_len: int = typer.Option(512, "--max-len", help="tokens per example (prompt cut from the left first)"),
+    batch: int = typer.Option(16, "--batch", help="effective batch (examples per optimizer step)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default: the profile's)"),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share of the data"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/sft"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code (off by default)"),
+):
+    """Supervised fine-tuning: train the `sft` LoRA adapter (completion-only loss)."""
+    from lowmem_rlhf.sft import SFTConfig, run_sft
+
+    _positive(max_steps=max_steps, max_len=max_len, batch=batch)
+    prof, _ = _stage_profile(profile, model, "sft", max_len, batch, gpu, None, None, trust_remote_code)
+    out.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/sft")
+    summary = run_sft(SFTConfig(model=model, data=data, out=out_dir, profile=prof, max_len=max_len, batch=batch,
+                                max_steps=max_steps, lr=lr, eval_fraction=eval_fraction, seed=seed,
+                                overwrite=overwrite, trust_remote_code=trust_remote_code))
+    _print_summary(summary, "SFT summary")
+
+
+@app.command()
+def rm(
+    data: str = typer.Option(..., "--data", "-d", help="preference pairs: hh-rlhf chosen/rejected transcripts, or prompt/chosen/rejected"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (the same one SFT used)"),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="finished SFT stage (RUN/sft): merged into the base first"),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    max_steps: int = typer.Option(50, "--max-steps", help="optimizer steps"),
+    max_len: int = typer.Option(512, "--max-len", help="tokens per sequence"),
+    batch: int = typer.Option(16, "--batch", help="pairs per optimizer step"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="use at most this many pairs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default: the profile's)"),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share for accuracy"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/rm"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+):
+    """Reward model: train a `reward` LoRA adapter + scalar head with the pairwise ranking loss."""
+    from lowmem_rlhf.rm import RMConfig, run_rm
+
+    _positive(max_steps=max_steps, max_len=max_len, batch=batch)
+    prof, _ = _stage_profile(profile, model, "rm", max_len, batch, gpu, None, None, trust_remote_code)
+    out.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/rm")
+    summary = run_rm(RMConfig(model=model, data=data, out=out_dir, profile=prof, init_from=init_from,
+                              max_len=max_len, batch=batch, max_steps=max_steps, lr=lr, max_pairs=max_pairs,
+                              eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
+                              trust_remote_code=trust_remote_code))
+    _print_summary(summary, "RM summary")
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
 @app.command()
 def version():
     """Print the lowmem-rlhf version."""
     print(__version__)
 
 
+def _quiet_libraries() -> None:
+    """Our progress bars and tables are the output; the libraries' loading bars and notices are not."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("deepspeed").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one-line errors, never a traceback for bad input."""
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

@@ -292,6 +292,15 @@ def _spec_from_meta(name: str, cfg: dict[str, Any], source: str) -> ModelSpec:
                 model = AutoModelForCausalLM.from_config(config)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"{source}: transformers cannot build a causal LM from it: {e}") from None
+    return spec_from_model(model, name, source, cfg)
+
+
+def spec_from_model(model, name: str, source: str, cfg: dict[str, Any] | None = None) -> ModelSpec:
+    """Inspect an instantiated causal LM (meta or real): layers, linears, output layer, norms."""
+    import torch
+
+    config = model.config
+    cfg = cfg if cfg is not None else config.to_dict()
     layers = find_decoder_layers(model)
     layer = layers[0]
     linears = inspect_layer_linears(layer)
@@ -306,19 +315,20 @@ def _spec_from_meta(name: str, cfg: dict[str, Any], source: str) -> ModelSpec:
     kv_heads = int(_first(cfg, "num_key_value_heads", default=heads))
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     mlp_in = [lin for lin in linears if lin.block == "mlp" and lin.role == "in"]
-    gated = len(mlp_in) >= 2
     inter = max((lin.out_features for lin in mlp_in), default=4 * hidden)
-    # Parameters the fields above don't describe (biases of norms, position tables, etc.) are
-    # counted from the meta model so that `total_params` is exact.
-    total = sum(p.numel() for p in model.parameters())
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # tied weights once; bitsandbytes 4-bit stores 2 weights per byte
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += _logical_numel(p)
     pos_rows = 0
-    for n, m in model.named_modules():
+    for m in model.modules():
         if m is not in_emb and isinstance(m, torch.nn.Embedding) and m.weight.shape[1] == hidden:
             pos_rows += int(m.weight.shape[0])  # learned position table (GPT-2 wpe, OPT embed_positions)
-    n_norms_layer = len(norm_mods)
     spec = ModelSpec(
         name=name,
-        model_type=str(model_type),
+        model_type=str(cfg.get("model_type", getattr(config, "model_type", "custom"))),
         hidden_size=hidden,
         num_layers=len(layers),
         num_heads=heads,
@@ -330,19 +340,28 @@ def _spec_from_meta(name: str, cfg: dict[str, Any], source: str) -> ModelSpec:
         max_positions=int(_first(cfg, "max_position_embeddings", "n_positions", default=2048)),
         norm=norm_kind,
         activation=str(_first(cfg, "hidden_act", "activation_function", default="silu")),
-        gated_mlp=bool(gated),
+        gated_mlp=len(mlp_in) >= 2,
         linears=linears,
         output_layer=out_name,
         output_bias=getattr(out_mod, "bias", None) is not None,
-        norms_per_layer=n_norms_layer,
+        norms_per_layer=len(norm_mods),
         final_norm=True,
         position_embeddings=pos_rows,
         attn_dropout=float(_first(cfg, "attention_dropout", "attn_pdrop", default=0.0)),
         hidden_dropout=float(_first(cfg, "resid_pdrop", "dropout", "hidden_dropout", default=0.0)),
         source=source,
     )
-    extra = total - spec.total_params
-    return replace(spec, extra_params=extra)
+    return replace(spec, extra_params=total - spec.total_params)
+
+
+def _logical_numel(p) -> int:
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        n = 1
+        for d in qs.shape:
+            n *= int(d)
+        return n
+    return p.numel()
 
 
 def _spec_chatglm(name: str, cfg: dict[str, Any], source: str) -> ModelSpec:
@@ -452,6 +471,6 @@ def param_count_str(n: int) -> str:
 
 
 __all__ = [
-    "LinearSpec", "ModelSpec", "PRESET_CONFIGS", "load_spec", "spec_from_config", "preset_names",
+    "LinearSpec", "ModelSpec", "PRESET_CONFIGS", "load_spec", "spec_from_config", "spec_from_model", "preset_names",
     "find_decoder_layers", "inspect_layer_linears", "param_count_str", "read_config_json",
 ]

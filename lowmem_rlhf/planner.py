@@ -161,6 +161,23 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
     return result
 
 
+def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
+    """Profiles the training stages of this version execute: LoRA on a shared base, no offload.
+    (full-bf16 and zero3-offload are estimated and planned, not yet run.)"""
+    return [p for p in profiles if p.is_lora and p.offload == "none"]
+
+
+def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
+                   stages: tuple[str, ...]) -> Candidate:
+    """The planner's pick among runnable profiles, or a one-line NoFit error with advice."""
+    p = plan(spec, hw, shape, runnable_profiles(profiles), stages)
+    if p.chosen is None:
+        budget, what = p.budget()
+        raise UserError(f"no profile fits {spec.name} ({', '.join(stages)}) in {budget / GIB:.2f} GiB of "
+                        f"{what}: {advice(p)}")
+    return p.chosen
+
+
 def advice(p: Plan) -> str:
     """What to change when nothing fits: the knob that closes the gap, with figures."""
     tried = [c for c in p.candidates if c.estimates]
@@ -184,4 +201,4 @@ def advice(p: Plan) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["Plan", "Candidate", "plan", "advice", "budget_bytes", "SAFETY_MARGIN"]
+__all__ = ["Plan", "Candidate", "plan", "advice", "choose_profile", "runnable_profiles", "budget_bytes", "SAFETY_MARGIN"]

@@ -31,12 +31,39 @@ def tiny_gpt2_config():
                       bos_token_id=1, eos_token_id=2)
 
 
-def save_random(config, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Instantiate `config` with random weights and save it as a model folder."""
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A real byte-level tokenizer: 3 specials (pad 0, bos 1, eos 2 = <|im_end|>), <|im_start|>,
+    then the 256 bytes. Any text round-trips; ids stay below 260, so tiny vocabularies work."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<s>", "<|im_end|>", "<|im_start|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", bos_token="<s>",
+                                   eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE, padding_side="right")
+
+
+def save_random(config, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                tokenizer=None) -> Path:
+    """Instantiate `config` with random weights and save it (with a tokenizer) as a model folder."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     folder = Path(folder)
     model.save_pretrained(str(folder))
+    (tokenizer or byte_tokenizer()).save_pretrained(str(folder))
     return folder

@@ -15,60 +15,27 @@ from pathlib import Path
 
 import torch
 
-from lowmem_rlhf import counting
+from lowmem_rlhf import counting, optim
 from lowmem_rlhf.config import Profile, Shape
 from lowmem_rlhf.estimator import estimate, kv_cache_bytes
-from lowmem_rlhf.model_spec import ModelSpec, find_decoder_layers, spec_from_config
-
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+from lowmem_rlhf.loading import load_model, lora_target_names
+from lowmem_rlhf.model_spec import ModelSpec, find_decoder_layers
 
 def load_for_profile(folder: str | Path, profile: Profile):
-    """Load a causal LM folder with the profile's dtype/quantization, LoRA and checkpointing."""
+    """The project's own loading path, plus LoRA wrapped the plain-peft way (transformers' forward
+    with labels, whose full-vocabulary logits the estimator models)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = TORCH_DTYPES[profile.dtype]
-    kwargs: dict = {"dtype": dtype, "attn_implementation": profile.attn_impl}
-    if profile.quant in ("nf4", "fp4"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=profile.quant,
-            bnb_4bit_use_double_quant=profile.double_quant, bnb_4bit_compute_dtype=dtype)
-    elif profile.quant == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    if profile.quant != "none" and profile.kbit_fp32_upcast:
-        for p in model.parameters():
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.to(torch.float32)
-    import bitsandbytes as bnb
-
-    for m in model.modules():  # facts-and-pitfalls #1: no inference-only CPU repack
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-    spec = spec_from_config(model.config.to_dict(), name=Path(folder).name)
+    loaded = load_model(str(folder), profile)
+    model = loaded.model
     if profile.is_lora:
-        targets = [lin.name for lin in spec.resolve_targets(profile.lora_targets)]
-        model = get_peft_model(model, LoraConfig(
-            r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
-            target_modules=sorted(set(targets)), task_type="CAUSAL_LM"))
-    if profile.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        targets = lora_target_names(model, profile.lora_targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha,
+                                                     lora_dropout=profile.lora_dropout, target_modules=targets))
     model.train()
-    return model, spec
-
-
-def make_optimizer(params, name: str, lr: float = 1e-4) -> torch.optim.Optimizer:
-    if name in ("adamw",):
-        return torch.optim.AdamW(params, lr=lr)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr)
+    return model, loaded.spec
 
 
 @dataclass
@@ -93,7 +60,7 @@ def measure_sft_step(folder: str | Path, profile: Profile, shape: Shape, gen_tok
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     grads = counting.grad_bytes(model)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], profile.optimizer)
+    opt = optim.make_optimizer(model.parameters(), profile.optimizer, lr=1e-4, device="cpu")
     opt.step()
     opt_bytes = counting.optimizer_state_bytes(opt)
     del out

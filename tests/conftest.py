@@ -35,3 +35,34 @@ def smollm2():
     from lowmem_rlhf.embedded import ensure_default_model
 
     return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm(tmp_path_factory):
+    """Remote-code model (needs --trust-remote-code) whose output projection is `output_layer`."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).parent / "assets" / "tinyglm" / "modeling_tinyglm.py"
+    spec = importlib.util.spec_from_file_location("modeling_tinyglm", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = tiny_llama_config().to_dict()
+    for k in ("model_type", "architectures", "transformers_version"):
+        base.pop(k, None)
+    cfg = mod.TinyGLMConfig(**base)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-glm")
+    mod.TinyGLMForCausalLM(cfg).save_pretrained(str(folder))
+    from lowmem_rlhf.random_models import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(str(folder))
+    shutil.copy(src, folder / src.name)
+    conf = json.loads((folder / "config.json").read_text())
+    conf["auto_map"] = {"AutoConfig": "modeling_tinyglm.TinyGLMConfig",
+                        "AutoModelForCausalLM": "modeling_tinyglm.TinyGLMForCausalLM"}
+    conf["architectures"] = ["TinyGLMForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(conf))
+    return folder

@@ -1,0 +1,185 @@
+"""Stage 2, reward model: a `reward` LoRA adapter + scalar head on the (SFT-merged) shared base.
+
+Pairwise loss -log sigmoid(r_chosen - r_rejected); the score is the head on the hidden state of
+each sequence's last real token (found from the attention mask, never from the pad id: with
+SmolLM2 the pad token is also EOS and ends every chat turn). Accuracy and margin are measured on a
+held-out split before and after training.
+
+The SFT adapter is *merged* into the base before the reward adapter is added (`--init-from`):
+every later role (reward, critic, actor, and the reference = adapters off) then shares one base
+that already is the SFT policy, so the PPO reference is the SFT model, as PPO requires, and no
+forward pays for two stacked adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowmem_rlhf import data as D
+from lowmem_rlhf.adapters import SharedBase
+from lowmem_rlhf.config import Profile, Shape, profile_to_yaml
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimator import estimate
+from lowmem_rlhf.loading import load_model
+from lowmem_rlhf.memory import MemoryMeter
+from lowmem_rlhf.optim import make_optimizer, warmup_cosine
+from lowmem_rlhf.report import counted_components, memory_report
+from lowmem_rlhf.runs import MetricsWriter, is_complete, stage_dir, write_json
+from lowmem_rlhf.sft import _progress
+
+
+@dataclass
+class RMConfig:
+    model: str | None
+    data: str
+    out: Path
+    profile: Profile
+    init_from: Path | None = None  # a finished SFT stage folder (RUN/sft) to merge into the base
+    max_len: int = 512
+    batch: int = 16  # pairs per optimizer step
+    max_steps: int = 50
+    lr: float | None = None
+    eval_fraction: float = 0.1
+    max_pairs: int | None = None  # use at most this many pairs (before the split)
+    seed: int = 0
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def sft_adapter_of(init_from: Path | None) -> list[Path]:
+    """The SFT adapter folder to merge, validated; [] when there is none."""
+    if init_from is None:
+        return []
+    init_from = Path(init_from)
+    adapter = init_from / "adapter" if (init_from / "adapter").exists() else init_from
+    if not (adapter / "adapter_config.json").exists():
+        raise UserError(f"--init-from {init_from}: no adapter there; pass a finished SFT stage folder (RUN/sft)")
+    if (init_from / "adapter").exists() and not is_complete(init_from):
+        raise UserError(f"--init-from {init_from}: the SFT stage did not finish (no summary.json); re-run it")
+    return [adapter]
+
+
+def pair_scores(engine: SharedBase, chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,), (B,) of chosen and rejected, in one forward of the 2B sequences."""
+    batch = D.collate_right(chosen + rejected, pad_id)
+    ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = engine.hidden_states(ids, am)
+    last = D.last_token_index(am)
+    scores = engine.scalar(hidden[torch.arange(len(ids), device=device), last])
+    return scores[: len(chosen)], scores[len(chosen):]
+
+
+@torch.no_grad()
+def evaluate_pairs(engine: SharedBase, pairs: list[dict], pad_id: int, micro_batch: int, device) -> dict:
+    engine.model.eval()
+    correct, margins = 0, []
+    for i in range(0, len(pairs), micro_batch):
+        chunk = pairs[i: i + micro_batch]
+        rc, rr = pair_scores(engine, [p["chosen_ids"] for p in chunk], [p["rejected_ids"] for p in chunk], pad_id, device)
+        correct += int((rc > rr).sum())
+        margins += (rc - rr).tolist()
+    engine.model.train()
+    n = max(len(pairs), 1)
+    return {"accuracy": correct / n, "margin": sum(margins) / n, "pairs": len(pairs)}
+
+
+def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    pairs = D.to_pairs(D.load_records(cfg.data), cfg.data)
+    if cfg.max_pairs:
+        pairs = pairs[: cfg.max_pairs]
+    tokenized = [t for t in (D.tokenize_pair(p, tokenizer, cfg.max_len) for p in pairs) if t is not None]
+    if len(tokenized) < 2:
+        raise UserError(f"{cfg.data}: {len(tokenized)} usable pair(s) within --max-len {cfg.max_len}; need at least 2")
+    return D.split_train_eval(tokenized, cfg.eval_fraction, cfg.seed)
+
+
+def run_rm(cfg: RMConfig, console=None) -> dict:
+    # ---- setup --------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    prof = cfg.profile
+    lr = cfg.lr if cfg.lr is not None else prof.learning_rate
+    merged = sft_adapter_of(cfg.init_from)
+    with stage_dir(cfg.out, "rm", cfg.overwrite) as out:
+        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged))
+        device, tok = loaded.device, loaded.tokenizer
+        train, held = prepare_pairs(cfg, tok)
+        engine = SharedBase(loaded, prof, seed=cfg.seed)
+        engine.add_adapter("reward", with_head=True)
+        engine.model.train()
+        opt = make_optimizer(engine.parameters_of("reward"), prof.optimizer, lr, device=device)
+        sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
+        est = estimate(loaded.spec, prof, "rm", Shape(seq_len=cfg.max_len, batch=cfg.batch), target=device.type)
+        (out / "profile.yaml").write_text(profile_to_yaml(prof, f"resolved profile of this RM run ({prof.name})"))
+        write_json(out / "config.json", {**asdict(cfg), "profile": prof.to_dict(), "merged": merged,
+                                          "estimate": est.to_dict(), "source": loaded.source})
+        metrics = MetricsWriter(out / "metrics.jsonl")
+        meter = MemoryMeter(device.type)
+        mb = prof.micro_batch
+        accum = max(1, math.ceil(cfg.batch / mb))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order: list[int] = []
+        before = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
+
+        # ---- loop -----------------------------------------------------------------------------
+        bar = _progress(cfg.max_steps, "RM", cfg.progress)
+        losses, accs = [], []
+        t_start = time.time()
+        for step in range(cfg.max_steps):
+            t0 = time.time()
+            rows = []
+            while len(rows) < mb * accum:
+                if not order:
+                    order = torch.randperm(len(train), generator=gen).tolist()
+                rows.append(train[order.pop()])
+            step_loss, correct = 0.0, 0
+            with meter.phase("train_step"):
+                for i in range(accum):
+                    chunk = rows[i * mb: (i + 1) * mb]
+                    rc, rr = pair_scores(engine, [r["chosen_ids"] for r in chunk],
+                                         [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
+                    loss = -F.logsigmoid(rc - rr).sum()
+                    engine.backward(loss / len(rows))
+                    step_loss += float(loss)
+                    correct += int((rc > rr).sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("reward"), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            losses.append(step_loss / len(rows))
+            accs.append(correct / len(rows))
+            dt = time.time() - t0
+            metrics.write(step=step + 1, loss=losses[-1], accuracy=accs[-1], lr=sched.get_last_lr()[0],
+                          grad_norm=float(grad_norm), seconds=dt, **{f"peak_{k}": v for k, v in meter.read().items()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.2f}")
+        bar.close()
+        after = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
+
+        # ---- save ------------------------------------------------------------------------------
+        engine.save_adapter("reward", out / "adapter",
+                            extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
+        report = memory_report(est, meter.peaks, counted_components(engine.model, opt))
+        summary = {
+            "stage": "rm", "model": loaded.source, "profile": prof.name, "steps": cfg.max_steps,
+            "merged_sft": [str(p) for p in merged], "train_pairs": len(train), "eval_pairs": len(held),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+            "train_accuracy_last5": sum(accs[-5:]) / len(accs[-5:]),
+            "eval_before": before, "eval_after": after, "seconds": time.time() - t_start, "memory": report,
+        }
+        metrics.close()
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+__all__ = ["RMConfig", "run_rm", "pair_scores", "evaluate_pairs", "sft_adapter_of"]

@@ -1,0 +1,174 @@
+"""Stage 1, SFT: train the `sft` LoRA adapter on instruction data, completion-only loss.
+
+Reads top to bottom: setup (profile, model, data, adapter, optimizer) -> loop (gradient
+accumulation, one backward per micro-batch) -> save (adapter in PEFT layout, resolved profile,
+metrics, estimated-vs-measured memory) into RUN/sft, atomically.
+
+The loop is ours, not trl's SFTTrainer: the trainer would wrap the model in its own PEFT adapter,
+while every stage here must add named adapters (and heads) to one shared base that PPO reuses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf import data as D
+from lowmem_rlhf.adapters import SharedBase
+from lowmem_rlhf.config import Profile, Shape, profile_to_yaml
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimator import estimate
+from lowmem_rlhf.loading import load_model
+from lowmem_rlhf.memory import MemoryMeter
+from lowmem_rlhf.optim import make_optimizer, warmup_cosine
+from lowmem_rlhf.report import counted_components, memory_report
+from lowmem_rlhf.runs import MetricsWriter, stage_dir, write_json
+
+
+@dataclass
+class SFTConfig:
+    model: str | None  # folder, hub id, or None for the embedded default
+    data: str
+    out: Path
+    profile: Profile
+    max_len: int = 512
+    batch: int = 16  # effective batch (sequences per optimizer step)
+    max_steps: int = 50
+    lr: float | None = None  # default: the profile's
+    eval_fraction: float = 0.1
+    seed: int = 0
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def completion_loss(engine: SharedBase, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over response tokens (labels != -100), and their count.
+
+    Logits are computed only at positions that predict a label: (N, V), never (B, S, V)."""
+    hidden = engine.hidden_states(batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logits = engine.logits(hidden[:, :-1][mask]).float()
+    loss = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
+    return loss, int(mask.sum())
+
+
+@torch.no_grad()
+def eval_loss(engine: SharedBase, examples: list[dict], pad_id: int, micro_batch: int, device) -> float:
+    engine.model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch):
+        chunk = examples[i: i + micro_batch]
+        batch = D.collate_right([e["input_ids"] for e in chunk], pad_id, [e["labels"] for e in chunk])
+        loss, n = completion_loss(engine, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + float(loss), count + n
+    engine.model.train()
+    return total / max(count, 1)
+
+
+def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    records = D.load_records(cfg.data)
+    examples = D.to_sft(records, cfg.data)
+    tokenized = [t for t in (D.tokenize_sft(e, tokenizer, cfg.max_len) for e in examples) if t is not None]
+    if not tokenized:
+        raise UserError(f"{cfg.data}: no example has a response token left within --max-len {cfg.max_len}; raise --max-len")
+    train, held = D.split_train_eval(tokenized, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise UserError(f"{cfg.data}: too few examples ({len(tokenized)}) to train; add data or lower --eval-fraction")
+    return train, held
+
+
+def run_sft(cfg: SFTConfig, console=None) -> dict:
+    # ---- setup --------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    prof = cfg.profile
+    lr = cfg.lr if cfg.lr is not None else prof.learning_rate
+    with stage_dir(cfg.out, "sft", cfg.overwrite) as out:
+        loaded = load_model(cfg.model, prof, cfg.trust_remote_code)
+        device = loaded.device
+        tok = loaded.tokenizer
+        train, held = prepare_examples(cfg, tok)
+        engine = SharedBase(loaded, prof, seed=cfg.seed)
+        engine.add_adapter("sft")
+        engine.model.train()
+        opt = make_optimizer(engine.parameters_of("sft"), prof.optimizer, lr, device=device)
+        sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
+        shape = Shape(seq_len=cfg.max_len, batch=cfg.batch)
+        est = estimate(loaded.spec, prof, "sft", shape, target=device.type)
+        (out / "profile.yaml").write_text(profile_to_yaml(prof, f"resolved profile of this SFT run ({prof.name})"))
+        write_json(out / "config.json", {**asdict(cfg), "profile": prof.to_dict(), "out": str(cfg.out),
+                                          "estimate": est.to_dict(), "source": loaded.source})
+        metrics = MetricsWriter(out / "metrics.jsonl")
+        meter = MemoryMeter(device.type)
+        mb = prof.micro_batch
+        accum = max(1, math.ceil(cfg.batch / mb))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order: list[int] = []
+        eval_before = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
+
+        # ---- loop -----------------------------------------------------------------------------
+        bar = _progress(cfg.max_steps, "SFT", cfg.progress)
+        losses = []
+        t_start = time.time()
+        for step in range(cfg.max_steps):
+            t0 = time.time()
+            rows = []
+            while len(rows) < mb * accum:
+                if not order:
+                    order = torch.randperm(len(train), generator=gen).tolist()
+                rows.append(train[order.pop()])
+            n_tokens = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+            step_loss = 0.0
+            with meter.phase("train_step"):
+                for i in range(accum):
+                    chunk = rows[i * mb: (i + 1) * mb]
+                    batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
+                                            [r["labels"] for r in chunk])
+                    loss, _ = completion_loss(engine, {k: v.to(device) for k, v in batch.items()})
+                    engine.backward(loss / max(n_tokens, 1))
+                    step_loss += float(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("sft"), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            losses.append(step_loss / max(n_tokens, 1))
+            dt = time.time() - t0
+            seq_tokens = sum(len(r["input_ids"]) for r in rows)
+            metrics.write(step=step + 1, loss=losses[-1], lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                          tokens=seq_tokens, seconds=dt, tokens_per_s=seq_tokens / dt,
+                          **{f"peak_{k}": v for k, v in meter.read().items()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        eval_after = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
+
+        # ---- save ------------------------------------------------------------------------------
+        engine.save_adapter("sft", out / "adapter", extra_meta={"stage": "sft"})
+        report = memory_report(est, meter.peaks, counted_components(engine.model, opt))
+        summary = {
+            "stage": "sft", "model": loaded.source, "profile": prof.name, "steps": cfg.max_steps,
+            "train_examples": len(train), "eval_examples": len(held),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+            "seconds": time.time() - t_start, "memory": report,
+        }
+        metrics.close()
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True)
+
+
+__all__ = ["SFTConfig", "run_sft", "completion_loss"]
