@@ -32,6 +32,7 @@ import torch
 from lowmem_rlhf.config import Profile
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.loading import LoadedModel, backbone, guard_bnb_cpu_repack, lora_target_names, output_layer
+from lowmem_rlhf.loading import read_adapter_meta as read_meta
 
 HEAD = "score"  # same attribute name as transformers' *ForSequenceClassification heads
 META_FILE = "lowmem_rlhf_adapter.json"
@@ -47,21 +48,28 @@ class SharedBase:
     def __init__(self, loaded: LoadedModel, profile: Profile, seed: int = 0):
         self.loaded = loaded
         self.profile = profile
-        lm = loaded.model
-        hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") else lm.config.hidden_size
-        gen = torch.Generator().manual_seed(seed)
-        head = torch.nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(1, hidden, generator=gen) / hidden**0.5)
-        head.requires_grad_(False)
-        setattr(lm, HEAD, head.to(loaded.device))
-        self.targets = lora_target_names(lm, profile.lora_targets)
+        self.seed = seed
+        self.targets = lora_target_names(loaded.model, profile.lora_targets)
         self.peft = None  # the PeftModel once the first adapter exists
         self.heads: dict[str, bool] = {}  # adapter -> has a scalar head
         self.active: str | None = None
         self._pending: str | None = None  # adapter whose training forward awaits backward
 
     # ---- adapters ------------------------------------------------------------------------------
+    def _ensure_head(self) -> None:
+        """Attach the scalar head (frozen original; each adapter with a head gets its own copy) the
+        first time an adapter needs one, so policy-only runs carry no head at all."""
+        lm = self.loaded.model
+        if hasattr(lm, HEAD):
+            return
+        hidden = lm.config.get_text_config().hidden_size
+        gen = torch.Generator().manual_seed(self.seed)
+        head = torch.nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(1, hidden, generator=gen) / hidden**0.5)
+        head.requires_grad_(False)
+        setattr(lm, HEAD, head.to(self.loaded.device))
+
     @property
     def model(self) -> torch.nn.Module:
         return self.peft if self.peft is not None else self.loaded.model
@@ -79,6 +87,8 @@ class SharedBase:
 
         if name in self.heads:
             raise ValueError(f"adapter {name!r} exists")
+        if with_head:
+            self._ensure_head()
         cfg = self._lora_config(with_head)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,6 +112,8 @@ class SharedBase:
         has_head = bool(meta.get("head", False)) if with_head is None else with_head
         if has_head and not meta.get("head", False):
             raise UserError(f"{path}: adapter has no scalar head; a critic/reward needs one (train it with `lowmem-rlhf rm`)")
+        if has_head:
+            self._ensure_head()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -183,9 +195,14 @@ class SharedBase:
             self._pending = self.active
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (B, S, H) of the backbone with whatever adapter is active."""
+        """Last hidden states (B, S, H) of the backbone with whatever adapter is active.
+
+        Positions come from the attention mask, as `generate` computes them, so left-padded rollouts
+        see the same positions in scoring and training as they did when sampled."""
         self._mark()
-        out = backbone(self.loaded.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = backbone(self.loaded.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -226,16 +243,6 @@ def _file_key(param_name: str, adapter: str) -> str:
     """The key peft writes for a parameter of `adapter` (adapter name dropped, head unwrapped)."""
     return (param_name.replace(f".{adapter}.", ".", 1)
             .replace(f"{HEAD}.modules_to_save.", f"{HEAD}.", 1))
-
-
-def read_meta(path: str | Path) -> dict:
-    f = Path(path) / META_FILE
-    if not f.exists():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: malformed JSON ({e.msg}); the run folder is damaged, re-run the stage") from None
 
 
 __all__ = ["SharedBase", "AdapterSwitchError", "read_meta", "HEAD", "META_FILE"]

@@ -32,6 +32,8 @@ err = Console(stderr=True)
 
 GPU_HELP = ("GPU preset to plan for (e.g. 3090, 4090, 3060-12gb, t4, a100-80gb); default: the GPU "
             "detected here, or the CPU when there is none")
+OUT_HELP = "run folder; the stage writes RUN/<stage>/ only when it completes"
+PROFILE_HELP = "profile name or YAML path (default: the planner's pick for this machine)"
 MODEL_HELP = ("model preset (llama-2-7b, llama-2-13b, llama-3-8b, mistral-7b, qwen2.5-7b, chatglm3-6b, "
               "gpt2, opt-1.3b, smollm2-135m), a local folder with config.json, or a hub id")
 
@@ -81,12 +83,13 @@ def print_plan(p) -> None:
     fig = "device" if p.target == "cuda" else "cpu_ram"
     t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
     t.add_column("profile")
-    t.add_column("micro x accum")
+    t.add_column("micro x accum, ckpt")
     for st in p.stages:
         t.add_column(st.upper(), justify="right")
     t.add_column("verdict")
     for c in p.candidates:
-        row = [c.profile.name, f"{c.profile.micro_batch} x {c.profile.grad_accum}" if c.estimates else "-"]
+        row = [c.profile.name, (f"{c.profile.micro_batch} x {c.profile.grad_accum}, "
+                                f"{'on' if c.profile.grad_ckpt else 'off'}") if c.estimates else "-"]
         for st in p.stages:
             e = c.estimates.get(st)
             row.append(_gib(getattr(e, fig)) if e else "-")
@@ -265,24 +268,154 @@ def auto(
     gpu: Optional[str] = typer.Option(None, "--gpu", help=GPU_HELP),
     vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory in GiB"),
     ram: Optional[float] = typer.Option(None, "--ram", help="CPU RAM in GiB"),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP + " (default: the embedded SmolLM2-135M-Instruct)"),
-    seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length"),
-    batch: int = typer.Option(16, "--batch", help="effective batch"),
-    prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length"),
-    response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (default: the embedded SmolLM2-135M-Instruct)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: runs/auto-<time>)"),
+    reward: Optional[str] = typer.Option(None, "--reward", help="programmatic reward module:function (skips the RM stage)"),
+    reward_cmd: Optional[str] = typer.Option(None, "--reward-cmd", help="external evaluator command (JSON lines in, one score per line out; skips RM)"),
+    data: Optional[str] = typer.Option(None, "--data", help="SFT data (default: bundled self-instruct seed tasks)"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="preference pairs for the RM (default: bundled demo pairs)"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="PPO prompts (default: bundled demo prompts)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="SFT/RM sequence length (default: 512 for planning a named model, 128 for the demo)"),
+    batch: int = typer.Option(16, "--batch", help="effective batch used for planning"),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="PPO prompt length (default 256 planning / 64 demo)"),
+    response_len: Optional[int] = typer.Option(None, "--response-len", help="PPO generated tokens (default 256 planning / 16 demo)"),
     rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    sft_steps: int = typer.Option(16, "--sft-steps", help="SFT optimizer steps"),
+    rm_steps: int = typer.Option(30, "--rm-steps", help="RM optimizer steps"),
+    ppo_iterations: int = typer.Option(20, "--ppo-iterations", help="PPO iterations"),
+    ppo_lr: Optional[float] = typer.Option(None, "--ppo-lr", help="PPO actor learning rate (default: 2e-4 for the demo, else the profile's)"),
+    seed: int = typer.Option(0, "--seed"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
 ):
     """Detect (or take) the hardware, plan, and run SFT -> RM -> PPO with the chosen profile."""
-    p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                  "sft,rm,ppo", None, as_json)
+    import time as _time
+
+    from lowmem_rlhf.auto import AutoConfig, run_auto
+    from lowmem_rlhf.config import load_all_profiles
+    from lowmem_rlhf.planner import runnable_profiles
+
+    demo = model is None
+    seq = seq_len or (128 if demo else 512)
+    plen = prompt_len or (64 if demo else 256)
+    rlen = response_len or (16 if demo else 256)
+    plan_model = model or "smollm2-135m"
+    profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
+    p = _run_plan(gpu, vram, ram, plan_model, seq, batch, plen, rlen, rollout_batch, "sft,rm,ppo", profiles, as_json)
     if dry_run:
         if not as_json:
             out.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
                       f"{p.chosen.profile.name}; nothing was loaded.")
         return
-    raise UserError("auto can only plan in this version (training stages are not built yet): add --dry-run")
+    if gpu and p.hardware.gpu is not None and p.hardware.gpu.source != "detected":
+        import torch
+
+        if not torch.cuda.is_available():
+            out.print(f"note: planned for {p.hardware.gpu.name}, but no GPU is here; running on the CPU")
+    run = out_dir or Path("runs") / _time.strftime("auto-%Y%m%d-%H%M%S")
+    cfg = AutoConfig(model=model, out=run, profile=p.chosen.profile, reward=reward, reward_cmd=reward_cmd,
+                     sft_steps=sft_steps, sft_len=seq, rm_steps=rm_steps, rm_len=min(seq, 128 if demo else seq),
+                     ppo_iterations=ppo_iterations, ppo_lr=ppo_lr if ppo_lr is not None else (2e-4 if demo else None),
+                     prompt_len=plen, response_len=rlen, rollout_batch=rollout_batch,
+                     seed=seed, trust_remote_code=trust_remote_code)
+    if data:
+        cfg.sft_data = data
+    if pairs:
+        cfg.pairs = pairs
+    if prompts:
+        cfg.prompts = prompts
+    summary = run_auto(cfg, p.to_dict(), out)
+    t = Table(title=f"auto: {run}")
+    t.add_column("result")
+    t.add_column("value", justify="right")
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    t.add_row("SFT held-out loss (before -> after)", f"{fmt(summary['sft']['eval_loss_before'])} -> {fmt(summary['sft']['eval_loss_after'])}")
+    if summary["rm"]:
+        t.add_row("RM held-out accuracy (before -> after)", f"{fmt(summary['rm']['heldout_accuracy_before'])} -> {fmt(summary['rm']['heldout_accuracy'])}")
+    t.add_row("held-out checker score, SFT policy", fmt(summary["heldout_checker_sft"]))
+    t.add_row("held-out checker score, PPO policy", fmt(summary["heldout_checker_ppo"]))
+    t.add_row("PPO reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
+    t.add_row("plot", summary["plot"])
+    t.add_row("wall time", f"{summary['wall_seconds'] / 60:.1f} min")
+    out.print(t)
+
+
+@app.command()
+def ppo(
+    prompts: str = typer.Option(..., "--prompts", "-p", help="prompts file: prompt / instruction / messages / hh-rlhf rows"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (the one SFT/RM used)"),
+    sft: Optional[Path] = typer.Option(None, "--sft", help="finished SFT stage (RUN/sft): merged into the base = the reference"),
+    reward_model: Optional[Path] = typer.Option(None, "--reward-model", help="finished RM stage (RUN/rm): reward, and the critic's start"),
+    reward: Optional[str] = typer.Option(None, "--reward", help="programmatic reward: module:function or file.py:function"),
+    reward_cmd: Optional[str] = typer.Option(None, "--reward-cmd", help="evaluator command: JSON lines in, one score per line out"),
+    reward_timeout: float = typer.Option(60.0, "--reward-timeout", help="seconds the evaluator command may take per batch"),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
+    iterations: int = typer.Option(20, "--iterations", help="PPO iterations (rollout + update)"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch", help="prompts per rollout"),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="prompt tokens (cut from the left)"),
+    response_len: int = typer.Option(32, "--response-len", help="generated tokens"),
+    ppo_epochs: int = typer.Option(4, "--ppo-epochs", help="passes over each rollout"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="actor learning rate (default: the profile's)"),
+    critic_lr: Optional[float] = typer.Option(None, "--critic-lr", help="critic learning rate"),
+    kl_coef: float = typer.Option(0.05, "--kl-coef", help="KL penalty coefficient (initial, if adaptive)"),
+    kl_estimator: str = typer.Option("k1", "--kl-estimator", help="k1 or k3"),
+    kl_target: Optional[float] = typer.Option(None, "--kl-target", help="adaptive KL: target per-sequence KL"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    eval_prompts: Optional[str] = typer.Option(None, "--eval-prompts", help="held-out prompts scored before/after (greedy)"),
+    eval_reward: Optional[str] = typer.Option(None, "--eval-reward", help="module:function scoring the held-out answers"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/ppo"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+):
+    """PPO on one shared base: actor/critic/reward adapters, reference = adapters off."""
+    from lowmem_rlhf.ppo import PPOConfig, run_ppo
+
+    _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
+              response_len=response_len, ppo_epochs=ppo_epochs)
+    if kl_estimator not in ("k1", "k3"):
+        raise UserError(f"--kl-estimator must be k1 or k3, got {kl_estimator!r}")
+    if profile:
+        prof, _ = _stage_profile(profile, model, "ppo", 512, 16, gpu, None, None, trust_remote_code)
+    else:
+        from lowmem_rlhf.config import load_all_profiles
+        from lowmem_rlhf.embedded import resolve_model_path
+        from lowmem_rlhf.loading import resolve_source
+        from lowmem_rlhf.model_spec import load_spec
+        from lowmem_rlhf.planner import choose_profile
+
+        shape = _shape(512, 16, prompt_len, response_len, rollout_batch)
+        prof = choose_profile(load_spec(resolve_source(resolve_model_path(model))), _hardware(gpu, None, None),
+                              shape, load_all_profiles(), ("ppo",)).profile
+    out.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/ppo")
+    summary = run_ppo(PPOConfig(model=model, prompts=prompts, out=out_dir, profile=prof, sft=sft,
+                                reward_model=reward_model, reward=reward, reward_cmd=reward_cmd,
+                                reward_timeout=reward_timeout, iterations=iterations, rollout_batch=rollout_batch,
+                                prompt_len=prompt_len, response_len=response_len, ppo_epochs=ppo_epochs, lr=lr,
+                                critic_lr=critic_lr, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_target=kl_target,
+                                temperature=temperature, top_p=top_p, eval_prompts=eval_prompts,
+                                eval_reward=eval_reward, seed=seed, overwrite=overwrite,
+                                trust_remote_code=trust_remote_code), console=out)
+    _print_summary(summary, "PPO summary")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="run folder (uses RUN/ppo/actor, else RUN/sft/adapter)"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the standalone model"),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the one recorded in the run)"),
+):
+    """Write a standalone model: 16-bit base with the SFT and PPO adapters merged in."""
+    from lowmem_rlhf.export import export_run
+
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    path = export_run(run, out_dir, dtype, model)
+    out.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, max_len: int, batch: int,
@@ -324,8 +457,6 @@ def _print_summary(summary: dict, title: str) -> None:
     print_memory_report(summary["memory"], out)
 
 
-OUT_HELP = "run folder; the stage writes RUN/<stage>/ only when it completes"
-PROFILE_HELP = "profile name or YAML path (default: the planner's pick for this machine)"
 
 
 @app.command()
@@ -408,6 +539,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("deepspeed").setLevel(logging.ERROR)
+    # optional CPU kernel package; its absence only costs speed, not correctness
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import transformers
 

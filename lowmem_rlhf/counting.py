@@ -36,21 +36,22 @@ def _quant_state_tensors(qs) -> Iterator[torch.Tensor]:
         yield from _quant_state_tensors(nested)
 
 
-def weight_storage_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of every parameter and buffer storage, split into frozen weights and trainable ones.
+def weight_storage_bytes(model: torch.nn.Module, is_adapter=None) -> dict[str, int]:
+    """Bytes of every parameter storage, split into base weights and trainable/adapter ones.
 
-    Returns {"weights": frozen params + quantization constants, "trainable": params with
-    requires_grad}. Shared (tied) storages count once. Buffers (rotary tables) are excluded: the
-    estimator ignores them as they are tiny and not weights.
+    Returns {"weights": base params + quantization constants, "trainable": params with
+    requires_grad, or those `is_adapter(name)` selects when given}. Shared (tied) storages count
+    once. Buffers (rotary tables) are excluded: they are tiny and not weights.
     """
     seen: set[tuple[str, int]] = set()
     out = {"weights": 0, "trainable": 0}
-    for p in model.parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):
         key = _storage_key(p)
         if key in seen:
             continue
         seen.add(key)
-        part = "trainable" if p.requires_grad else "weights"
+        adapter = is_adapter(name) if is_adapter is not None else p.requires_grad
+        part = "trainable" if adapter else "weights"
         out[part] += tensor_storage_bytes(p)
         for t in _quant_state_tensors(getattr(p, "quant_state", None)):
             k = _storage_key(t)

@@ -824,6 +824,27 @@ def last_token_index(attention_mask: Any) -> Any:
 # --------------------------------------------------------------------------- splitting
 
 
+class EpochSampler:
+    """Draws rows without replacement, reshuffling (seeded) when an epoch runs out."""
+
+    def __init__(self, n: int, seed: int = 0):
+        import torch
+
+        self.n = n
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def draw(self, k: int) -> list[int]:
+        import torch
+
+        out = []
+        while len(out) < k:
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.gen).tolist()
+            out.append(self.order.pop())
+        return out
+
+
 def split_train_eval(items: Sequence[T], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:
     """Deterministic split: the same items, fraction and seed always give the same two lists.
 

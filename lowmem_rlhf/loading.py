@@ -241,6 +241,7 @@ def merge_adapter(lm: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 
 
 def read_adapter_meta(path: str | Path) -> dict:
+    """The adapter's lowmem_rlhf_adapter.json ({} for adapters saved by other tools)."""
     meta = Path(path) / "lowmem_rlhf_adapter.json"
     if not meta.exists():
         return {}

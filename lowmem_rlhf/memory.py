@@ -29,6 +29,12 @@ def _vm_hwm() -> int:
 
 
 def _reset_hwm() -> None:
+    """Return freed heap to the OS first (glibc keeps it, and RSS with it), then reset VmHWM, so a
+    phase's peak is that phase's, not the high-water mark of memory freed long ago."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 

@@ -2,7 +2,8 @@
 
 Profiles are tried in rank order (fidelity first, then speed). For each, the micro-batch is halved
 from the profile's value down to 1 (gradient accumulation rises so the effective batch stays) until
-every requested stage fits the budget with a safety margin. The first profile that fits is chosen;
+every requested stage fits the budget with a safety margin; a profile with checkpointing is first
+tried without it, since recomputation costs a third more compute. The first profile that fits is chosen;
 every rejected one keeps the reason and by how much it missed.
 """
 
@@ -121,6 +122,13 @@ def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, sta
     return Candidate(profile, ests, True, "fits")
 
 
+def _halvings(mb: int) -> list[int]:
+    out = [mb]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
 def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
          stages: tuple[str, ...] = STAGES) -> Plan:
     """Try every profile (in rank order) at decreasing micro-batch; keep every verdict."""
@@ -139,22 +147,24 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                 "engine is unproven); plan SFT/RM with --stages sft,rm", 0))
             continue
         best = None
-        mb = max(1, min(prof.micro_batch, shape.batch))
-        while True:
-            cand_prof = replace(prof, micro_batch=mb, grad_accum=math.ceil(shape.batch / mb))
+        mb0 = max(1, min(prof.micro_batch, shape.batch))
+        # fastest first: no recomputation if it fits, then checkpointing at halving micro-batches
+        trials = [(False, mb0)] if prof.grad_ckpt else []
+        trials += [(prof.grad_ckpt, mb) for mb in _halvings(mb0)]
+        for ckpt, mb in trials:
+            cand_prof = replace(prof, micro_batch=mb, grad_accum=math.ceil(shape.batch / mb), grad_ckpt=ckpt)
             cand = _evaluate(spec, cand_prof, shape, hw, stages)
+            best = cand
             if cand.fits:
-                if mb < prof.micro_batch:
+                if not ckpt and prof.grad_ckpt:
+                    cand.reason = "fits without gradient checkpointing (faster)"
+                elif mb < prof.micro_batch:
                     cand.reason = f"fits at micro-batch {mb} x {cand_prof.grad_accum} accumulation"
                 if note:
                     cand.reason += f"; {note}"
-                best = cand
                 break
-            best = cand
-            if mb == 1:
-                best.reason += ", even at micro-batch 1"
-                break
-            mb //= 2
+        if not best.fits:
+            best.reason += ", even at micro-batch 1"
         result.candidates.append(best)
         if best.fits:
             break

@@ -9,8 +9,9 @@ from lowmem_rlhf.estimator import GIB, Estimate
 
 
 def counted_components(model, optimizer=None) -> dict[str, int]:
-    """Bytes of the real tensors: frozen weights, trainable (adapters + heads), optimizer state."""
-    w = counting.weight_storage_bytes(model)
+    """Bytes of the real tensors: base weights, every adapter + head (active or not, trainable or
+    frozen: peft freezes inactive adapters, so requires_grad does not tell them apart), optimizer."""
+    w = counting.weight_storage_bytes(model, is_adapter=lambda name: "lora_" in name or "score" in name)
     out = {"weights": w["weights"], "adapters": w["trainable"]}
     if optimizer is not None:
         out["optimizer"] = counting.optimizer_state_bytes(optimizer)

@@ -126,8 +126,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         meter = MemoryMeter(device.type)
         mb = prof.micro_batch
         accum = max(1, math.ceil(cfg.batch / mb))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order: list[int] = []
+        sampler = D.EpochSampler(len(train), cfg.seed)
         before = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
 
         # ---- loop -----------------------------------------------------------------------------
@@ -136,11 +135,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         t_start = time.time()
         for step in range(cfg.max_steps):
             t0 = time.time()
-            rows = []
-            while len(rows) < mb * accum:
-                if not order:
-                    order = torch.randperm(len(train), generator=gen).tolist()
-                rows.append(train[order.pop()])
+            rows = [train[i] for i in sampler.draw(mb * accum)]
             step_loss, correct = 0.0, 0
             with meter.phase("train_step"):
                 for i in range(accum):
@@ -149,7 +144,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
                                          [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
                     loss = -F.logsigmoid(rc - rr).sum()
                     engine.backward(loss / len(rows))
-                    step_loss += float(loss)
+                    step_loss += float(loss.detach())
                     correct += int((rc > rr).sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("reward"), 1.0)
                 opt.step()

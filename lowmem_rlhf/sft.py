@@ -109,8 +109,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         meter = MemoryMeter(device.type)
         mb = prof.micro_batch
         accum = max(1, math.ceil(cfg.batch / mb))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order: list[int] = []
+        sampler = D.EpochSampler(len(train), cfg.seed)
         eval_before = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
 
         # ---- loop -----------------------------------------------------------------------------
@@ -119,11 +118,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         t_start = time.time()
         for step in range(cfg.max_steps):
             t0 = time.time()
-            rows = []
-            while len(rows) < mb * accum:
-                if not order:
-                    order = torch.randperm(len(train), generator=gen).tolist()
-                rows.append(train[order.pop()])
+            rows = [train[i] for i in sampler.draw(mb * accum)]
             n_tokens = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
             step_loss = 0.0
             with meter.phase("train_step"):
@@ -133,7 +128,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                                             [r["labels"] for r in chunk])
                     loss, _ = completion_loss(engine, {k: v.to(device) for k, v in batch.items()})
                     engine.backward(loss / max(n_tokens, 1))
-                    step_loss += float(loss)
+                    step_loss += float(loss.detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("sft"), 1.0)
                 opt.step()
                 sched.step()

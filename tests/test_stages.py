@@ -108,11 +108,42 @@ def test_smollm2_sft_and_rm_through_the_cli(tmp_path, capsys, smollm2):
     s = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert s["loss_last5"] < s["loss_first5"] and s["eval_loss_after"] < s["eval_loss_before"]
     assert "SFT summary" in out and "estimated vs measured" in out
+    # the SFT adapter reloads into a fresh base bit-identically, and plain peft reads it
+    prof = load_profile("lora-bf16-shared")
+    ids = torch.randint(100, 40000, (2, 12))
+    am = torch.ones_like(ids)
+    logits = []
+    for seed in (0, 1):
+        e = SharedBase(load_model(None, prof, training=False), prof, seed=seed)
+        e.load_adapter("sft", tmp_path / "sft" / "adapter")
+        e.model.eval()
+        with torch.no_grad():
+            logits.append(e.logits(e.hidden_states(ids, am)).float())
+    assert (logits[0] - logits[1]).abs().max().item() == 0.0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.bfloat16),
+                                      str(tmp_path / "sft" / "adapter")).eval()
+    with torch.no_grad():
+        lp = plain(input_ids=ids, attention_mask=am).logits.float()
+    assert (lp - logits[0]).abs().max().item() < 0.25  # bf16 vs bf16 along a different op order
+
     code, out, err = cli(["rm", "--data", HH, "--out", tmp_path, "--init-from", tmp_path / "sft", "--profile",
                           "qlora-shared", "--max-steps", 4, "--max-len", 128, "--batch", 4, "--max-pairs", 60], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert r["eval_after"]["pairs"] == 6 and "accuracy" in r["eval_after"]
+    # the reward adapter + head reload (on the SFT-merged 4-bit base) with identical scores
+    q = load_profile("qlora-shared")
+    scores = []
+    for seed in (0, 1):
+        e = SharedBase(load_model(None, q, merge_adapters=(tmp_path / "sft" / "adapter",), training=False), q, seed=seed)
+        e.load_adapter("reward", tmp_path / "rm" / "adapter")
+        e.model.eval()
+        with torch.no_grad():
+            scores.append(e.scalar(e.hidden_states(ids, am)[:, -1]))
+    assert torch.equal(scores[0], scores[1])
 
 
 # ---- bad input: one line, non-zero exit, nothing left that looks finished -----------------------

@@ -1,0 +1,86 @@
+"""`lowmem-rlhf auto`: plan, then SFT -> RM -> PPO into one run folder, each stage starting from
+the last. With no model and no data: the embedded default (SmolLM2-135M-Instruct) on the bundled
+demo task (lowmem_rlhf/demo_task.py), scored by its checker on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowmem_rlhf.config import Profile
+from lowmem_rlhf.data import bundled_path
+from lowmem_rlhf.ppo import PPOConfig, run_ppo
+from lowmem_rlhf.rm import RMConfig, run_rm
+from lowmem_rlhf.runs import ensure_writable, write_json
+from lowmem_rlhf.sft import SFTConfig, run_sft
+
+DEMO_CHECKER = "lowmem_rlhf.demo_task:checker"
+
+
+@dataclass
+class AutoConfig:
+    model: str | None
+    out: Path
+    profile: Profile
+    sft_data: str = field(default_factory=lambda: str(bundled_path("self-instruct-seed-tasks.jsonl")))
+    pairs: str = field(default_factory=lambda: str(bundled_path("demo-pairs.jsonl")))
+    prompts: str = field(default_factory=lambda: str(bundled_path("demo-prompts.jsonl")))
+    heldout: str | None = field(default_factory=lambda: str(bundled_path("demo-heldout.jsonl")))
+    eval_reward: str | None = DEMO_CHECKER
+    reward: str | None = None  # module:function: skips the RM stage
+    reward_cmd: str | None = None
+    sft_steps: int = 16
+    sft_len: int = 128
+    sft_batch: int = 4
+    rm_steps: int = 30
+    rm_len: int = 64
+    rm_batch: int = 8
+    ppo_iterations: int = 20
+    ppo_epochs: int = 2
+    ppo_lr: float | None = None  # actor learning rate; None: the profile's
+    prompt_len: int = 64
+    response_len: int = 16
+    rollout_batch: int = 8
+    seed: int = 0
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def run_auto(cfg: AutoConfig, plan_dict: dict, console) -> dict:
+    t0 = time.time()
+    run = Path(cfg.out)
+    ensure_writable(run)
+    write_json(run / "plan.json", plan_dict)
+    common = dict(model=cfg.model, out=run, profile=cfg.profile, seed=cfg.seed,
+                  trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+    console.print(f"[bold]1/3 SFT[/bold] on {cfg.sft_data}")
+    sft = run_sft(SFTConfig(data=cfg.sft_data, max_len=cfg.sft_len, batch=cfg.sft_batch, max_steps=cfg.sft_steps,
+                            **common))
+    rm = None
+    if not (cfg.reward or cfg.reward_cmd):
+        console.print(f"[bold]2/3 reward model[/bold] on {cfg.pairs}")
+        rm = run_rm(RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.rm_len, batch=cfg.rm_batch,
+                             max_steps=cfg.rm_steps, eval_fraction=0.2, **common))
+    else:
+        console.print("2/3 reward model skipped: the reward is a program")
+    console.print(f"[bold]3/3 PPO[/bold] on {cfg.prompts}")
+    ppo = run_ppo(PPOConfig(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
+                            reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
+                            ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+                            rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len,
+                            response_len=cfg.response_len, eval_prompts=cfg.heldout,
+                            eval_reward=cfg.eval_reward, **common), console=console)
+    summary = {
+        "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,
+        "sft": {"eval_loss_before": sft["eval_loss_before"], "eval_loss_after": sft["eval_loss_after"]},
+        "rm": None if rm is None else {"heldout_accuracy_before": (rm["eval_before"] or {}).get("accuracy"),
+                                       "heldout_accuracy": (rm["eval_after"] or {}).get("accuracy")},
+        "heldout_checker_sft": (ppo["heldout_before"] or {}).get("score"),
+        "heldout_checker_ppo": (ppo["heldout_after"] or {}).get("score"),
+        "ppo_reward_first5": ppo["reward_first5"], "ppo_reward_last5": ppo["reward_last5"],
+        "plot": str(run / "ppo" / "ppo.png"),
+    }
+    write_json(run / "summary.json", summary)
+    return summary

@@ -1,0 +1,129 @@
+"""Programmatic rewards: a Python callable or an external evaluator process.
+
+`--reward module:function` (or `path/to/file.py:function`): `function(prompts: list[str],
+responses: list[str]) -> list[float]`. `--reward-cmd "..."`: a process that reads one JSON object
+per line on stdin (`{"prompt": ..., "response": ...}`) and writes one score per line on stdout,
+within `timeout` seconds. A reward that raises, times out, returns the wrong count or a non-finite
+number raises `RewardError` naming the offending sample; the PPO step is then skipped, never
+trained on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lowmem_rlhf.errors import UserError
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """The reward failed for this batch; the message names the sample."""
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """'module:function' or 'file.py:function' -> the callable (one-line UserError otherwise)."""
+    if ":" not in spec:
+        raise UserError(f"--reward {spec!r}: expected module:function or path/to/file.py:function")
+    target, name = spec.rsplit(":", 1)
+    try:
+        if target.endswith(".py") or Path(target).exists():
+            path = Path(target)
+            if not path.exists():
+                raise UserError(f"--reward {spec}: file {target} not found")
+            mod_spec = importlib.util.spec_from_file_location(f"lowmem_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except UserError:
+        raise
+    except Exception as e:  # the user's module failed to import: say where
+        raise UserError(f"--reward {spec}: importing {target} failed ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {target} has no callable {name!r}")
+    return fn
+
+
+def _sample(prompts: list[str], responses: list[str], i: int) -> str:
+    p = prompts[i].replace("\n", " ")[-80:]
+    r = responses[i].replace("\n", " ")[:80]
+    return f"sample {i} (prompt ...{p!r}, response {r!r}...)"
+
+
+def check_scores(scores, prompts: list[str], responses: list[str], origin: str) -> list[float]:
+    try:
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"{origin} returned non-numbers ({e})") from None
+    if len(values) != len(responses):
+        raise RewardError(f"{origin} returned {len(values)} scores for {len(responses)} responses")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise RewardError(f"{origin} returned {v} for {_sample(prompts, responses, i)}")
+    return values
+
+
+class FunctionReward:
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = load_reward_function(spec)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        try:
+            scores = self.fn(list(prompts), list(responses))
+        except Exception as e:  # user code: report, never crash the run
+            culprit = _find_culprit(self.fn, prompts, responses)
+            raise RewardError(f"--reward {self.spec} raised {type(e).__name__}: {e}{culprit}") from None
+        return check_scores(scores, prompts, responses, f"--reward {self.spec}")
+
+
+def _find_culprit(fn, prompts, responses) -> str:
+    """Re-run one sample at a time to name the one that fails (cheap for a checker)."""
+    for i in range(len(responses)):
+        try:
+            fn([prompts[i]], [responses[i]])
+        except Exception:
+            return f" on {_sample(prompts, responses, i)}"
+    return ""
+
+
+class CommandReward:
+    def __init__(self, cmd: str, timeout: float = 60.0):
+        self.cmd, self.timeout = cmd, timeout
+        self.argv = shlex.split(cmd)
+        if not self.argv:
+            raise UserError("--reward-cmd is empty")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        payload = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses))
+        try:
+            proc = subprocess.run(self.argv, input=payload, capture_output=True, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise RewardError(f"--reward-cmd {self.cmd!r} timed out after {self.timeout:g} s on a batch of "
+                              f"{len(responses)} ({_sample(prompts, responses, 0)} first)") from None
+        except OSError as e:
+            raise UserError(f"--reward-cmd {self.cmd!r}: cannot start it ({e.strerror})") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or [""])[-1][:160]
+            raise RewardError(f"--reward-cmd {self.cmd!r} exited {proc.returncode}: {last}")
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        return check_scores(lines, prompts, responses, f"--reward-cmd {self.cmd!r}")
+
+
+def python_command(script: str | Path) -> str:
+    """A --reward-cmd running `script` with this interpreter (for tests and the demo)."""
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
+
+
+__all__ = ["RewardError", "FunctionReward", "CommandReward", "load_reward_function", "check_scores",
+           "python_command"]

@@ -1,0 +1,40 @@
+"""Programmatic rewards used by the tests (loaded with --reward tests/assets/rewards.py:NAME)."""
+
+import math
+import sys
+
+
+def ascii_fraction(prompts, responses):
+    """Share of ASCII characters among 16 generated tokens: ~0.5 for a random byte-level model."""
+    return [sum(1 for c in r if ord(c) < 128) / 16 for r in responses]
+
+
+def ascii_share(prompts, responses):
+    """Share of ASCII characters in each response (0 for an empty one)."""
+    return [sum(1 for c in r if ord(c) < 128) / len(r) if r else 0.0 for r in responses]
+
+
+def raises(prompts, responses):
+    for r in responses:
+        if r:
+            raise ValueError("checker crashed")
+    return [0.0] * len(responses)
+
+
+def nan(prompts, responses):
+    return [math.nan] + [0.0] * (len(responses) - 1)
+
+
+def wrong_count(prompts, responses):
+    return [1.0]
+
+
+if __name__ == "__main__":  # the --reward-cmd protocol: JSON lines in, one score per line out
+    import json
+    import time
+
+    if len(sys.argv) > 1 and sys.argv[1] == "hang":
+        time.sleep(600)
+    for line in sys.stdin:
+        row = json.loads(line)
+        print(sum(1 for c in row["response"] if ord(c) < 128) / 16)

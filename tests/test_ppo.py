@@ -1,0 +1,202 @@
+"""PPO on the shared base, programmatic rewards, export: real tiny models on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_rlhf import ppo_math as M
+from lowmem_rlhf.adapters import SharedBase
+from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.data import bundled_path
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.loading import load_model
+from lowmem_rlhf.ppo import PPOConfig, attach_roles, response_mask, run_ppo
+from lowmem_rlhf.rewards import python_command
+from lowmem_rlhf.rm import RMConfig, run_rm
+
+ASSETS = Path(__file__).parent / "assets"
+REWARDS = ASSETS / "rewards.py"
+PROMPTS = str(bundled_path("demo-prompts.jsonl"))
+HH = str(bundled_path("hh-rlhf-harmless-base-test-600.jsonl.gz"))
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    """Tiny Llama whose vocabulary is exactly the byte tokenizer's: every sample decodes to text.
+    initializer_range 0.2: at the default 0.02 the final norm and a near-zero output layer cap the
+    logits so tightly that adapters in the decoder layers can hardly move the distribution."""
+    from lowmem_rlhf.random_models import save_random, tiny_llama_config
+
+    cfg = tiny_llama_config()
+    cfg.vocab_size = 260
+    cfg.initializer_range = 0.2
+    return save_random(cfg, tmp_path_factory.mktemp("byte-llama"))
+
+
+def _cfg(model, out, profile="qlora-shared", **kw):
+    prof = replace(load_profile(profile), lora_r=8, micro_batch=16, learning_rate=kw.pop("lr", 1e-2),
+                   lora_dropout=0.0, grad_ckpt=False)
+    base = dict(model=str(model), prompts=PROMPTS, out=out, profile=prof, iterations=8, rollout_batch=16,
+                prompt_len=48, response_len=2, ppo_epochs=4, kl_coef=0.0, progress=False)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def _rewards(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return [r["reward_mean"] for r in rows if not r.get("skipped")]
+
+
+def test_response_mask_stops_after_first_eos():
+    resp = torch.tensor([[5, 6, 2, 2, 2], [5, 5, 5, 5, 5], [2, 7, 2, 8, 9]])
+    assert response_mask(resp, 2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("profile", ["qlora-shared", "lora-bf16-shared"])
+def test_programmatic_reward_rises_and_base_is_untouched(byte_llama, tmp_path, profile):
+    s = run_ppo(_cfg(byte_llama, tmp_path, profile, reward=f"{REWARDS}:ascii_share", iterations=12))
+    r = _rewards(tmp_path)
+    assert len(r) == 12
+    # 2-token responses; seen over seeds 0-2 (4-bit): first-3 means 0.59-0.72, last-3 means 1.0
+    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.2, r
+    assert s["base_sha256_before"] == s["base_sha256_after"]
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("kl", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_length",
+                "seconds_generation", "tokens_per_s_generation", "peak_actor_update_cpu_ram",
+                "est_generation_cpu_ram"):
+        assert key in rows[-1], key
+    assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 10_000
+    assert {"actor", "critic", "summary.json", "metrics.jsonl"} <= {p.name for p in (tmp_path / "ppo").iterdir()}
+
+
+def test_reward_command(byte_llama, tmp_path):
+    s = run_ppo(_cfg(byte_llama, tmp_path, reward_cmd=python_command(REWARDS), iterations=2))
+    assert s["skipped_iterations"] == 0 and len(_rewards(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(reward=f"{REWARDS}:raises"), "raised ValueError: checker crashed on sample"),
+    (dict(reward=f"{REWARDS}:nan"), "returned nan for sample 0"),
+    (dict(reward=f"{REWARDS}:wrong_count"), "returned 1 scores for 16 responses"),
+    (dict(reward_cmd=python_command(REWARDS) + " hang", reward_timeout=2), "timed out after 2 s"),
+])
+def test_failing_reward_skips_the_step_and_never_trains(byte_llama, tmp_path, kw, needle):
+    with pytest.raises(UserError, match="every PPO iteration was skipped"):
+        run_ppo(_cfg(byte_llama, tmp_path, iterations=2, **kw))
+    assert not (tmp_path / "ppo").exists() and not list(tmp_path.glob(".ppo.partial-*"))
+
+
+def test_failing_reward_is_reported_with_the_sample(byte_llama, tmp_path, capsys):
+    """One bad batch among good ones: that iteration is skipped and logged, the rest trains."""
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text("calls = [0]\n"
+                     "def f(prompts, responses):\n"
+                     "    calls[0] += 1\n"
+                     "    if calls[0] == 2:\n"
+                     "        return [float('inf')] * len(responses)\n"
+                     "    return [0.5] * len(responses)\n")
+    s = run_ppo(_cfg(byte_llama, tmp_path / "run", reward=f"{flaky}:f", iterations=3))
+    assert s["skipped_iterations"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["skipped"] and "returned inf for sample 0" in rows[1]["reason"]
+    assert "iteration 2 skipped" in capsys.readouterr().out
+
+
+def test_critic_starts_as_the_trained_reward_model(tiny_llama, tmp_path):
+    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, learning_rate=1e-2)
+    run_rm(RMConfig(model=str(tiny_llama), data=HH, out=tmp_path, profile=prof, max_len=48, batch=4,
+                    max_steps=2, max_pairs=20, progress=False))
+    eng = SharedBase(load_model(str(tiny_llama), prof), prof, seed=123)
+    attach_roles(eng, tmp_path / "rm" / "adapter")
+    head = {n.split("modules_to_save.")[1].split(".")[0]: p for n, p in eng.model.named_parameters()
+            if "score.modules_to_save" in n}
+    assert torch.equal(head["critic"], head["reward"])  # value head = trained reward head
+    eng.use("critic")  # peft freezes inactive adapters; the active critic trains, head included
+    assert head["critic"].requires_grad and all(p.requires_grad for p in eng.parameters_of("critic"))
+    ids = torch.randint(4, 250, (2, 9))
+    am = torch.ones_like(ids)
+    eng.model.eval()
+    with torch.no_grad():
+        eng.use("reward")
+        r = eng.scalar(eng.hidden_states(ids, am)[:, -1])
+        eng.use("critic")
+        v = eng.scalar(eng.hidden_states(ids, am)[:, -1])
+    assert torch.equal(r, v)
+
+
+def test_actor_step_moves_only_the_actor_and_critic_step_only_the_critic(tiny_llama):
+    prof = replace(load_profile("qlora-shared"), lora_r=8, grad_ckpt=True)
+    eng = SharedBase(load_model(str(tiny_llama), prof), prof)
+    attach_roles(eng, None)
+    snap = lambda name: [p.detach().clone() for p in eng.parameters_of(name)]  # noqa: E731
+    ids = torch.randint(4, 250, (2, 12))
+    am = torch.ones_like(ids)
+    opt_a = torch.optim.AdamW(eng.parameters_of("actor"), lr=1e-2)
+    eng.use("critic")
+    opt_c = torch.optim.AdamW(eng.parameters_of("critic"), lr=1e-2)
+    a0, c0 = snap("actor"), snap("critic")
+    eng.use("actor")
+    h = eng.hidden_states(ids, am)[:, 5:-1]
+    lp = M.token_logprobs(h.reshape(-1, h.shape[-1]), eng.loaded.model.get_output_embeddings().weight,
+                          ids[:, 6:].reshape(-1)).view(2, -1)
+    eng.backward(M.policy_loss(lp, lp.detach() - 0.1, torch.ones_like(lp), torch.ones_like(lp)).loss)
+    opt_a.step()
+    a1, c1 = snap("actor"), snap("critic")
+    assert any(not torch.equal(x, y) for x, y in zip(a0, a1)) and all(torch.equal(x, y) for x, y in zip(c0, c1))
+    eng.use("critic")
+    v = eng.scalar(eng.hidden_states(ids, am))
+    eng.backward(M.value_loss(v, v.detach(), v.detach() + 1, torch.ones_like(v))[0])
+    opt_c.step()
+    a2, c2 = snap("actor"), snap("critic")
+    assert all(torch.equal(x, y) for x, y in zip(a1, a2)) and any(not torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+def test_export_reloads_in_plain_transformers(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_rlhf.cli import main
+    from lowmem_rlhf.sft import SFTConfig, run_sft
+
+    prof = replace(load_profile("lora-bf16-shared"), dtype="fp32", lora_r=8, micro_batch=4, learning_rate=1e-2)
+    run_sft(SFTConfig(model=str(tiny_llama), data=str(bundled_path("self-instruct-seed-tasks.jsonl")), out=tmp_path,
+                      profile=prof, max_len=48, batch=4, max_steps=2, progress=False))
+    run_ppo(PPOConfig(
+        model=str(tiny_llama), prompts=PROMPTS, out=tmp_path, profile=prof, sft=tmp_path / "sft",
+        reward=f"{REWARDS}:ascii_fraction", iterations=1, rollout_batch=4, prompt_len=32, response_len=8,
+        ppo_epochs=1, progress=False))
+    main(["export", str(tmp_path), "--out", str(tmp_path / "export"), "--dtype", "fp32"])  # returns on success
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    eng = SharedBase(load_model(str(tiny_llama), prof, merge_adapters=(tmp_path / "sft" / "adapter",),
+                                training=False), prof)
+    eng.load_adapter("actor", tmp_path / "ppo" / "actor")
+    eng.model.eval()
+    ids = torch.randint(4, 250, (2, 10))
+    with torch.no_grad():
+        want = eng.logits(eng.hidden_states(ids, torch.ones_like(ids)))
+        got = exported(input_ids=ids).logits
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+    with torch.no_grad():
+        with eng.reference():
+            ref = eng.logits(eng.hidden_states(ids, torch.ones_like(ids)))
+    assert not torch.allclose(ref, got, atol=1e-6)  # the actor's update is in the export
+
+
+@pytest.mark.slow
+def test_auto_runs_the_embedded_default_end_to_end(tmp_path, capsys, smollm2):
+    """The README's main command, with fewer steps: SFT -> RM -> PPO into one run folder."""
+    from lowmem_rlhf.cli import main
+
+    run = tmp_path / "run"
+    main(["auto", "--out", str(run), "--sft-steps", "2", "--rm-steps", "2", "--ppo-iterations", "2"])
+    out = capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    for stage in ("sft", "rm", "ppo"):
+        assert (run / stage / "summary.json").exists()
+    assert 0.0 <= s["heldout_checker_sft"] <= 1.0 and 0.0 <= s["heldout_checker_ppo"] <= 1.0
+    assert s["rm"]["heldout_accuracy"] is not None
+    assert (run / "ppo" / "ppo.png").exists() and (run / "plan.json").exists()
+    assert "held-out checker score, PPO policy" in out and "wall time" in out
