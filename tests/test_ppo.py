@@ -200,3 +200,17 @@ def test_auto_runs_the_embedded_default_end_to_end(tmp_path, capsys, smollm2):
     assert s["rm"]["heldout_accuracy"] is not None
     assert (run / "ppo" / "ppo.png").exists() and (run / "plan.json").exists()
     assert "held-out checker score, PPO policy" in out and "wall time" in out
+
+
+def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_path, capsys):
+    from lowmem_rlhf.cli import main
+
+    run = tmp_path / "run"
+    main(["auto", "--model", str(tiny_llama), "--out", str(run), "--reward", "lowmem_rlhf.demo_task:checker",
+          "--seq-len", "64", "--prompt-len", "48", "--response-len", "4", "--sft-steps", "2",
+          "--ppo-iterations", "2"])
+    out = capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    assert s["rm"] is None and not (run / "rm").exists()
+    assert (run / "sft" / "summary.json").exists() and (run / "ppo" / "summary.json").exists()
+    assert "reward model skipped" in out and s["heldout_checker_ppo"] is not None
