@@ -163,7 +163,7 @@ def load_model(model: str | None, profile: Profile, trust_remote_code: bool = Fa
 
     source = resolve_source(model)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # fails early, with the flag hint
     except ValueError as e:
         msg = str(e).splitlines()[0][:200]
         hint = "" if trust_remote_code else "; if the model needs custom code, pass --trust-remote-code"

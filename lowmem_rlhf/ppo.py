@@ -17,7 +17,7 @@ import gc
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from lowmem_rlhf import data as D
 from lowmem_rlhf import ppo_math as M
 from lowmem_rlhf.adapters import SharedBase
-from lowmem_rlhf.config import Profile, Shape, profile_to_yaml
+from lowmem_rlhf.config import Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model, output_layer
@@ -34,8 +34,7 @@ from lowmem_rlhf.optim import make_optimizer
 from lowmem_rlhf.report import counted_components, memory_report
 from lowmem_rlhf.rewards import CommandReward, FunctionReward, RewardError
 from lowmem_rlhf.rm import sft_adapter_of
-from lowmem_rlhf.runs import MetricsWriter, is_complete, stage_dir, write_json
-from lowmem_rlhf.sft import _progress
+from lowmem_rlhf.runs import MetricsWriter, is_complete, progress_bar, stage_dir, write_json, write_stage_config
 
 PHASES = ("generation", "scoring", "actor_update", "critic_update")
 
@@ -281,9 +280,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         shape = Shape(prompt_len=cfg.prompt_len, response_len=cfg.response_len, rollout_batch=cfg.rollout_batch)
         est = estimate(loaded.spec, prof, "ppo", shape, target=device.type, separate_models=cfg.separate_models)
         est_by_phase = {p.name: p for p in est.phases}
-        (out / "profile.yaml").write_text(profile_to_yaml(prof, f"resolved profile of this PPO run ({prof.name})"))
-        write_json(out / "config.json", {**asdict(cfg), "profile": prof.to_dict(), "merged": merged,
-                                          "estimate": est.to_dict(), "source": loaded.source})
+        write_stage_config(out, "PPO", cfg, prof, est, merged=merged, source=loaded.source)
         metrics = MetricsWriter(out / "metrics.jsonl")
         meter = MemoryMeter(device.type)
         eval_before = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True) if held and eval_fn else None
@@ -295,7 +292,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         t_start = time.time()
 
         # ---- loop -----------------------------------------------------------------------------
-        bar = _progress(cfg.iterations, "PPO", cfg.progress)
+        bar = progress_bar(cfg.iterations, "PPO", cfg.progress)
         for it in range(cfg.iterations):
             times: dict[str, float] = {}
             pick = sampler.draw(B)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,15 +24,14 @@ import torch.nn.functional as F
 
 from lowmem_rlhf import data as D
 from lowmem_rlhf.adapters import SharedBase
-from lowmem_rlhf.config import Profile, Shape, profile_to_yaml
+from lowmem_rlhf.config import Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
 from lowmem_rlhf.optim import make_optimizer, warmup_cosine
 from lowmem_rlhf.report import counted_components, memory_report
-from lowmem_rlhf.runs import MetricsWriter, is_complete, stage_dir, write_json
-from lowmem_rlhf.sft import _progress
+from lowmem_rlhf.runs import MetricsWriter, is_complete, progress_bar, stage_dir, write_json, write_stage_config
 
 
 @dataclass
@@ -119,9 +118,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         opt = make_optimizer(engine.parameters_of("reward"), prof.optimizer, lr, device=device)
         sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
         est = estimate(loaded.spec, prof, "rm", Shape(seq_len=cfg.max_len, batch=cfg.batch), target=device.type)
-        (out / "profile.yaml").write_text(profile_to_yaml(prof, f"resolved profile of this RM run ({prof.name})"))
-        write_json(out / "config.json", {**asdict(cfg), "profile": prof.to_dict(), "merged": merged,
-                                          "estimate": est.to_dict(), "source": loaded.source})
+        write_stage_config(out, "RM", cfg, prof, est, merged=merged, source=loaded.source)
         metrics = MetricsWriter(out / "metrics.jsonl")
         meter = MemoryMeter(device.type)
         mb = prof.micro_batch
@@ -130,7 +127,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         before = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
 
         # ---- loop -----------------------------------------------------------------------------
-        bar = _progress(cfg.max_steps, "RM", cfg.progress)
+        bar = progress_bar(cfg.max_steps, "RM", cfg.progress)
         losses, accs = [], []
         t_start = time.time()
         for step in range(cfg.max_steps):

@@ -83,6 +83,25 @@ class MetricsWriter:
         self._f.close()
 
 
+def write_stage_config(out: Path, stage: str, cfg: Any, profile: Any, estimate: Any, **extra: Any) -> None:
+    """The resolved profile (profile.yaml) and the run config with its estimate (config.json),
+    written beside the stage's outputs."""
+    from dataclasses import asdict
+
+    from lowmem_rlhf.config import profile_to_yaml
+
+    (out / "profile.yaml").write_text(profile_to_yaml(profile, f"resolved profile of this {stage} run ({profile.name})"))
+    write_json(out / "config.json", {**asdict(cfg), "profile": profile.to_dict(), "estimate": estimate.to_dict(),
+                                     **extra})
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm on a terminal, silent otherwise (CI logs, pipes) or when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True)
+
+
 def write_json(path: Path, data: Any) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_jsonable))

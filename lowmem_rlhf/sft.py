@@ -13,21 +13,21 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowmem_rlhf import data as D
 from lowmem_rlhf.adapters import SharedBase
-from lowmem_rlhf.config import Profile, Shape, profile_to_yaml
+from lowmem_rlhf.config import Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
 from lowmem_rlhf.optim import make_optimizer, warmup_cosine
 from lowmem_rlhf.report import counted_components, memory_report
-from lowmem_rlhf.runs import MetricsWriter, stage_dir, write_json
+from lowmem_rlhf.runs import MetricsWriter, progress_bar, stage_dir, write_json, write_stage_config
 
 
 @dataclass
@@ -102,9 +102,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
         shape = Shape(seq_len=cfg.max_len, batch=cfg.batch)
         est = estimate(loaded.spec, prof, "sft", shape, target=device.type)
-        (out / "profile.yaml").write_text(profile_to_yaml(prof, f"resolved profile of this SFT run ({prof.name})"))
-        write_json(out / "config.json", {**asdict(cfg), "profile": prof.to_dict(), "out": str(cfg.out),
-                                          "estimate": est.to_dict(), "source": loaded.source})
+        write_stage_config(out, "SFT", cfg, prof, est, source=loaded.source)
         metrics = MetricsWriter(out / "metrics.jsonl")
         meter = MemoryMeter(device.type)
         mb = prof.micro_batch
@@ -113,7 +111,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         eval_before = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
 
         # ---- loop -----------------------------------------------------------------------------
-        bar = _progress(cfg.max_steps, "SFT", cfg.progress)
+        bar = progress_bar(cfg.max_steps, "SFT", cfg.progress)
         losses = []
         t_start = time.time()
         for step in range(cfg.max_steps):
@@ -158,12 +156,6 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         metrics.close()
         write_json(out / "summary.json", summary)
     return summary
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True)
 
 
 __all__ = ["SFTConfig", "run_sft", "completion_loss"]

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_rlhf import embedded
 from lowmem_rlhf.embedded import (
     DEFAULT_MODEL,
     FOLDER_NAME,
