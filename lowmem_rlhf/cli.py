@@ -378,18 +378,7 @@ def ppo(
               response_len=response_len, ppo_epochs=ppo_epochs)
     if kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl-estimator must be k1 or k3, got {kl_estimator!r}")
-    if profile:
-        prof, _ = _stage_profile(profile, model, "ppo", 512, 16, gpu, None, None, trust_remote_code)
-    else:
-        from lowmem_rlhf.config import load_all_profiles
-        from lowmem_rlhf.embedded import resolve_model_path
-        from lowmem_rlhf.loading import resolve_source
-        from lowmem_rlhf.model_spec import load_spec
-        from lowmem_rlhf.planner import choose_profile
-
-        shape = _shape(512, 16, prompt_len, response_len, rollout_batch)
-        prof = choose_profile(load_spec(resolve_source(resolve_model_path(model))), _hardware(gpu, None, None),
-                              shape, load_all_profiles(), ("ppo",)).profile
+    prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu)
     out.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/ppo")
     summary = run_ppo(PPOConfig(model=model, prompts=prompts, out=out_dir, profile=prof, sft=sft,
                                 reward_model=reward_model, reward=reward, reward_cmd=reward_cmd,
@@ -418,9 +407,9 @@ def export(
     out.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
-def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, max_len: int, batch: int,
-                   gpu, vram, ram, trust_remote_code: bool):
-    """The profile a training stage runs with: the named one, or the planner's pick for this machine."""
+def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str]):
+    """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
+    this machine (or on --gpu)."""
     from lowmem_rlhf.config import load_all_profiles, load_profile
     from lowmem_rlhf.embedded import resolve_model_path
     from lowmem_rlhf.loading import resolve_source
@@ -432,11 +421,9 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, max
         if not prof.is_lora or prof.offload != "none":
             raise UserError(f"profile {prof.name}: this version trains LoRA adapters on a shared base "
                             "without offload; use qlora-shared or lora-bf16-shared")
-        return prof, None
+        return prof
     source = resolve_source(resolve_model_path(model))
-    shape = _shape(max_len, batch, 256, 256, 8)
-    chosen = choose_profile(load_spec(source), _hardware(gpu, vram, ram), shape, load_all_profiles(), (stage,))
-    return chosen.profile, chosen
+    return choose_profile(load_spec(source), _hardware(gpu, None, None), shape, load_all_profiles(), (stage,)).profile
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -479,7 +466,7 @@ def sft(
     from lowmem_rlhf.sft import SFTConfig, run_sft
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    prof, _ = _stage_profile(profile, model, "sft", max_len, batch, gpu, None, None, trust_remote_code)
+    prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu)
     out.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/sft")
     summary = run_sft(SFTConfig(model=model, data=data, out=out_dir, profile=prof, max_len=max_len, batch=batch,
                                 max_steps=max_steps, lr=lr, eval_fraction=eval_fraction, seed=seed,
@@ -509,7 +496,7 @@ def rm(
     from lowmem_rlhf.rm import RMConfig, run_rm
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    prof, _ = _stage_profile(profile, model, "rm", max_len, batch, gpu, None, None, trust_remote_code)
+    prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu)
     out.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/rm")
     summary = run_rm(RMConfig(model=model, data=data, out=out_dir, profile=prof, init_from=init_from,
                               max_len=max_len, batch=batch, max_steps=max_steps, lr=lr, max_pairs=max_pairs,

@@ -8,7 +8,6 @@ tensors autograd saves for backward (each storage once, parameters excluded) and
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
@@ -161,17 +160,5 @@ def cache_bytes(past_key_values) -> int:
     return total
 
 
-@contextlib.contextmanager
-def no_op():
-    yield
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux: ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 __all__ = ["weight_storage_bytes", "grad_bytes", "optimizer_state_bytes", "SavedTensorCounter",
-           "cache_bytes", "peak_rss_bytes", "tensor_storage_bytes"]
+           "cache_bytes", "tensor_storage_bytes"]

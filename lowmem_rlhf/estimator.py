@@ -343,8 +343,7 @@ def _train_step(name: str, spec: ModelSpec, profile: Profile, tokens: int, stati
     else:
         comps["optimizer"] = opt
     acts = activation_bytes(spec, profile, tokens, target)
-    comps["activations"] = acts["activations"] + head_saved_bytes(spec, profile, tokens, lm_logits) - (
-        0 if lm_logits else 0)
+    comps["activations"] = acts["activations"] + head_saved_bytes(spec, profile, tokens, lm_logits)
     # backward peak: either the logits' gradient or one recomputed layer, whichever is larger
     logits = logits_bytes(spec, profile, tokens) - 4 * tokens * spec.vocab_size if lm_logits else 0
     comps["logits"] = logits
@@ -461,11 +460,5 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     return phases
 
 
-def fits(est: Estimate, budget_bytes: int, margin: float = 0.05) -> bool:
-    """Whether the estimate fits a budget with a safety margin."""
-    need = est.device if est.target == "cuda" else est.cpu_ram
-    return need <= budget_bytes * (1 - margin)
-
-
 __all__ = ["Estimate", "Phase", "estimate", "weight_bytes", "optimizer_bytes", "trainable_tensors",
-           "lora_tensors", "activation_bytes", "kv_cache_bytes", "layer_saved_bytes", "fits", "GIB"]
+           "lora_tensors", "activation_bytes", "kv_cache_bytes", "layer_saved_bytes", "GIB"]

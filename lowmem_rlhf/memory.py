@@ -79,6 +79,3 @@ class MemoryMeter:
             out = self._merge(out, p)
         return out
 
-
-def device_of(model: torch.nn.Module) -> str:
-    return next(model.parameters()).device.type
