@@ -184,6 +184,15 @@ class SharedBase:
         loss.backward()
         self._pending = None
 
+    def abandon(self) -> None:
+        """Forget a training forward whose backward will never run (a step that ran out of memory)."""
+        self._pending = None
+
+    def owns(self, name: str | None = None):
+        """owns(param_name) -> True for parameters of adapter `name` (LoRA A/B and its head copy)."""
+        name = name or self.active
+        return lambda param_name: _belongs(param_name, name)
+
     def parameters_of(self, name: str | None = None) -> list[torch.nn.Parameter]:
         """Parameters owned by adapter `name` (LoRA A/B and its head copy)."""
         name = name or self.active

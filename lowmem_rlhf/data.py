@@ -844,6 +844,13 @@ class EpochSampler:
             out.append(self.order.pop())
         return out
 
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order = list(state["order"])
+
 
 def split_train_eval(items: Sequence[T], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:
     """Deterministic split: the same items, fraction and seed always give the same two lists.

@@ -280,6 +280,9 @@ def _spec_from_meta(name: str, cfg: dict[str, Any], source: str) -> ModelSpec:
     try:
         config = AutoConfig.for_model(**cfg)
     except (ValueError, KeyError) as e:
+        if "auto_map" in cfg:
+            raise UserError(f"{source}: model_type {model_type!r} is the model's own Python code (auto_map); "
+                            "pass --trust-remote-code to run it, only for a model you trust") from None
         raise UserError(
             f"{source}: model_type {model_type!r} is not known to transformers "
             f"{transformers.__version__}; upgrade transformers or pass --trust-remote-code "
@@ -401,7 +404,13 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom", source: str = "c
             raise UserError(f"{source}: ChatGLM config lacks field {e}") from None
     # drop keys that only describe weights on disk / remote code; they don't change shapes
     clean = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config", "torch_dtype", "dtype")}
-    return _spec_from_meta(name, clean, source)
+    try:
+        return _spec_from_meta(name, clean, source)
+    except UserError as e:
+        if "auto_map" in cfg and "is not known to transformers" in str(e):
+            raise UserError(f"{source}: model_type {cfg.get('model_type')!r} is the model's own Python code "
+                            "(auto_map); pass --trust-remote-code to run it, only for a model you trust") from None
+        raise
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -419,8 +428,26 @@ def read_config_json(path: Path) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=32)
-def load_spec(model: str) -> ModelSpec:
-    """A spec from a preset name, a local folder / config.json, or a hub id (config only)."""
+def _spec_remote_code(path: Path) -> ModelSpec:
+    """A model with its own Python code (auto_map), built on the meta device: only with
+    --trust-remote-code, which the caller checked."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    except Exception as e:  # the model's own code failed: say where, in one line
+        raise UserError(f"{path}: its custom model code failed to build ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    return spec_from_model(model, path.name, str(path / "config.json"))
+
+
+def load_spec(model: str, trust_remote_code: bool = False) -> ModelSpec:
+    """A spec from a preset name, a local folder / config.json, or a hub id (config only).
+    A folder whose config names custom code (auto_map) runs that code only with trust_remote_code."""
     key = model.strip().lower()
     key = PRESET_ALIASES.get(key, key)
     if key in PRESET_CONFIGS:
@@ -430,7 +457,10 @@ def load_spec(model: str) -> ModelSpec:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise UserError(f"{path}: no config.json in this folder; point --model at a Hugging Face model folder (config.json + weights)")
-        return spec_from_config(read_config_json(cfg_path), name=path.name, source=str(cfg_path))
+        cfg = read_config_json(cfg_path)
+        if trust_remote_code and "auto_map" in cfg and cfg.get("model_type") != "chatglm":
+            return _spec_remote_code(path)
+        return spec_from_config(cfg, name=path.name, source=str(cfg_path))
     if path.suffix == ".json" or path.exists():
         if not path.exists():
             raise UserError(f"{path}: file not found")

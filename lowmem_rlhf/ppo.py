@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import checkpoint
 from lowmem_rlhf import data as D
 from lowmem_rlhf import ppo_math as M
 from lowmem_rlhf.adapters import SharedBase
@@ -30,11 +31,14 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model, output_layer
 from lowmem_rlhf.memory import MemoryMeter
+from lowmem_rlhf.oom import MicroBatch, learned_cap, maybe_inject
 from lowmem_rlhf.optim import make_optimizer
 from lowmem_rlhf.report import counted_components, memory_report
 from lowmem_rlhf.rewards import CommandReward, FunctionReward, RewardError
 from lowmem_rlhf.rm import sft_adapter_of
-from lowmem_rlhf.runs import MetricsWriter, is_complete, progress_bar, stage_dir, write_json, write_stage_config
+from lowmem_rlhf.runs import (MetricsWriter, check_resume_config, is_complete, progress_bar, stage_dir, write_json,
+                              write_stage_config)
+from lowmem_rlhf.stopping import StopOnSignal
 
 PHASES = ("generation", "scoring", "actor_update", "critic_update")
 
@@ -76,6 +80,8 @@ class PPOConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    resume: bool = False  # continue from RUN/.ppo.partial's newest checkpoint
+    save_every: int = 2  # iterations between checkpoints (0: only on SIGINT/SIGTERM)
 
 
 @dataclass
@@ -244,6 +250,7 @@ def base_fingerprint(engine: SharedBase) -> str:
 
 
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
+    say = console.print if console else print
     # ---- setup --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -253,8 +260,12 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
     rm_adapter = reward_adapter_of(cfg.reward_model)
     eval_fn = FunctionReward(cfg.eval_reward) if cfg.eval_reward else (
         program_reward if isinstance(program_reward, FunctionReward) else None)
-    with stage_dir(cfg.out, "ppo", cfg.overwrite) as out:
-        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged))
+    with stage_dir(cfg.out, "ppo", cfg.overwrite, cfg.resume) as out, StopOnSignal(say) as stop:
+        if cfg.resume:
+            check_resume_config(out, cfg)
+        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged),
+                            context=(cfg.prompt_len + cfg.response_len,
+                                     f"--prompt-len + --response-len ({cfg.prompt_len} + {cfg.response_len})"))
         device, tok = loaded.device, loaded.tokenizer
         first = [loaded]
 
@@ -280,20 +291,43 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         shape = Shape(prompt_len=cfg.prompt_len, response_len=cfg.response_len, rollout_batch=cfg.rollout_batch)
         est = estimate(loaded.spec, prof, "ppo", shape, target=device.type, separate_models=cfg.separate_models)
         est_by_phase = {p.name: p for p in est.phases}
-        write_stage_config(out, "PPO", cfg, prof, est, merged=merged, source=loaded.source)
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        if not cfg.resume:
+            write_stage_config(out, "PPO", cfg, prof, est, merged=merged, source=loaded.source)
         meter = MemoryMeter(device.type)
-        eval_before = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True) if held and eval_fn else None
-        mb = max(1, min(prof.micro_batch, cfg.rollout_batch))
+        mb = MicroBatch(min(prof.micro_batch, cfg.rollout_batch,
+                            learned_cap(cfg.out, "ppo", prof.name) or prof.micro_batch),
+                        "ppo", cfg.out, prof.name,
+                        knob=f"--response-len (now {cfg.response_len}) or --prompt-len (now {cfg.prompt_len})")
         B, R = cfg.rollout_batch, cfg.response_len
         sampler = D.EpochSampler(len(prompts), cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        rewards_hist, iter_seconds, skipped = [], [], 0
-        t_start = time.time()
+        parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
+                     optimizers={"actor": opt_actor, "critic": opt_critic}, schedulers={},
+                     samplers={"prompts": sampler, "minibatch_order": gen})
+        state = {"iteration": 0, "rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
+                 "micro_batch": mb.size, "seconds": 0.0, "kl_coef": kl_ctl.value}
+        ckpt = checkpoint.latest(out) if cfg.resume else None
+        if ckpt is not None:
+            state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
+            mb.size, kl_ctl.value = state["micro_batch"], state["kl_coef"]
+            say(f"resuming PPO from {ckpt} (iteration {state['iteration']} of {cfg.iterations})")
+        elif held and eval_fn:
+            state["eval_before"] = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True)
+        metrics = MetricsWriter(out / "metrics.jsonl", keep=("iteration", state["iteration"]) if ckpt else None)
+        rewards_hist, iter_seconds = state["rewards"], state["iter_seconds"]
+
+        def make_state() -> dict:
+            state.update(micro_batch=mb.size, kl_coef=kl_ctl.value)
+            return checkpoint.capture(loop=state, **parts)
+
+        def end_of_iteration(it: int) -> None:
+            checkpoint.at_step_end(out, it + 1, cfg.iterations, cfg.save_every, stop, make_state, "PPO")
 
         # ---- loop -----------------------------------------------------------------------------
         bar = progress_bar(cfg.iterations, "PPO", cfg.progress)
-        for it in range(cfg.iterations):
+        bar.update(state["iteration"])
+        for it in range(state["iteration"], cfg.iterations):
+            t_iter = time.time()
             times: dict[str, float] = {}
             pick = sampler.draw(B)
             torch.manual_seed(cfg.seed * 100_003 + it)
@@ -308,42 +342,51 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 torch.cuda.empty_cache()  # the generation cache is gone before training
             P = ro.seqs.shape[1] - R
             # scoring
+
+            def score(size: int) -> tuple[torch.Tensor, ...]:
+                scores = torch.zeros(B, device=device)
+                ref_lp, old_lp, values, entropy = (torch.zeros(B, R, device=device) for _ in range(4))
+                for s in range(0, B, size):
+                    maybe_inject("ppo", it + 1, size)
+                    sl = slice(s, s + size)
+                    seqs, am = ro.seqs[sl], ro.mask[sl]
+                    if program_reward is None:
+                        with roles.role("reward") as eng:
+                            hid = eng.hidden_states(seqs, am)
+                            last = D.last_token_index(am)
+                            scores[sl] = eng.scalar(hid[torch.arange(len(seqs), device=device), last])
+                    with roles.role("reference") as eng:
+                        ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl])
+                    with roles.role("actor") as eng:
+                        h = response_hidden(eng, seqs, am, P)
+                        old_lp[sl] = logprobs_of(eng, h, ro.response[sl])
+                        _, outl = output_layer(eng.loaded.model)
+                        entropy[sl] = M.token_entropy(h.reshape(-1, h.shape[-1]), outl.weight).view(h.shape[0], R)
+                    with roles.role("critic") as eng:
+                        values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
+                return scores, ref_lp, old_lp, values, entropy
+
             t0 = time.time()
             try:
                 with meter.phase("scoring"), torch.no_grad():
                     for eng in roles.unique():
                         eng.model.eval()
-                    scores = torch.zeros(B, device=device)
-                    if program_reward is not None:
-                        scores = torch.tensor(program_reward(ro.prompts, ro.texts), device=device, dtype=torch.float32)
-                    ref_lp = torch.zeros(B, R, device=device)
-                    old_lp = torch.zeros(B, R, device=device)
-                    values = torch.zeros(B, R, device=device)
-                    entropy = torch.zeros(B, R, device=device)
-                    for s in range(0, B, mb):
-                        sl = slice(s, s + mb)
-                        seqs, am = ro.seqs[sl], ro.mask[sl]
-                        if program_reward is None:
-                            with roles.role("reward") as eng:
-                                hid = eng.hidden_states(seqs, am)
-                                last = D.last_token_index(am)
-                                scores[sl] = eng.scalar(hid[torch.arange(len(seqs), device=device), last])
-                        with roles.role("reference") as eng:
-                            ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl])
-                        with roles.role("actor") as eng:
-                            h = response_hidden(eng, seqs, am, P)
-                            old_lp[sl] = logprobs_of(eng, h, ro.response[sl])
-                            _, outl = output_layer(eng.loaded.model)
-                            entropy[sl] = M.token_entropy(h.reshape(-1, h.shape[-1]), outl.weight).view(h.shape[0], R)
-                        with roles.role("critic") as eng:
-                            values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
+                    program_scores = (torch.tensor(program_reward(ro.prompts, ro.texts), device=device,
+                                                   dtype=torch.float32) if program_reward is not None else None)
+                    scores, ref_lp, old_lp, values, entropy = mb.run(it + 1, score, lambda: None)
+                    if program_scores is not None:
+                        scores = program_scores
                     for eng in roles.unique():
                         eng.model.train()
             except RewardError as e:
-                skipped += 1
+                for eng in roles.unique():
+                    eng.model.train()
+                state["skipped"] += 1
+                state["iteration"], state["skip_reason"] = it + 1, str(e)
                 metrics.write(iteration=it + 1, skipped=True, reason=str(e))
-                (console.print if console else print)(f"PPO iteration {it + 1} skipped: {e}")
+                say(f"PPO iteration {it + 1} skipped: {e}")
                 bar.update(1)
+                end_of_iteration(it)
                 continue
             m = ro.response_mask
             kl = M.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * m
@@ -361,28 +404,44 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 for chunk in [perm[i::n_mb] for i in range(n_mb)]:
                     t0 = time.time()
                     with meter.phase("actor_update"), roles.role("actor") as eng:
-                        for s in range(0, len(chunk), mb):
-                            idx = chunk[s: s + mb]
-                            h = response_hidden(eng, ro.seqs[idx], ro.mask[idx], P)
-                            lp = logprobs_of(eng, h, ro.response[idx])
-                            pl = M.policy_loss(lp, old_lp[idx], adv[idx], m[idx], cfg.clip)
-                            eng.backward(pl.loss * len(idx) / len(chunk))
-                            stats["policy_loss"].append(float(pl.loss.detach()))
-                            stats["clip_frac"].append(float(pl.clip_frac))
-                            stats["approx_kl"].append(float(pl.approx_kl))
+
+                        def actor_grads(size: int, eng=eng, chunk=chunk) -> dict:
+                            st = {"policy_loss": [], "clip_frac": [], "approx_kl": []}
+                            for s in range(0, len(chunk), size):
+                                maybe_inject("ppo", it + 1, size)
+                                idx = chunk[s: s + size]
+                                h = response_hidden(eng, ro.seqs[idx], ro.mask[idx], P)
+                                lp = logprobs_of(eng, h, ro.response[idx])
+                                pl = M.policy_loss(lp, old_lp[idx], adv[idx], m[idx], cfg.clip)
+                                eng.backward(pl.loss * len(idx) / len(chunk))
+                                st["policy_loss"].append(float(pl.loss.detach()))
+                                st["clip_frac"].append(float(pl.clip_frac))
+                                st["approx_kl"].append(float(pl.approx_kl))
+                            return st
+
+                        for k, v in mb.run(it + 1, actor_grads, _reset(opt_actor, eng)).items():
+                            stats[k] += v
                         torch.nn.utils.clip_grad_norm_(eng.parameters_of("actor"), 1.0)
                         opt_actor.step()
                         opt_actor.zero_grad(set_to_none=True)
                     times["actor_update"] += time.time() - t0
                     t0 = time.time()
                     with meter.phase("critic_update"), roles.role("critic") as eng:
-                        for s in range(0, len(chunk), mb):
-                            idx = chunk[s: s + mb]
-                            v = eng.scalar(response_hidden(eng, ro.seqs[idx], ro.mask[idx], P))
-                            vl, vf = M.value_loss(v, values[idx], returns[idx], m[idx], cfg.vf_clip)
-                            eng.backward(vl * len(idx) / len(chunk))
-                            stats["value_loss"].append(float(vl.detach()))
-                            stats["vf_clip_frac"].append(float(vf))
+
+                        def critic_grads(size: int, eng=eng, chunk=chunk) -> dict:
+                            st = {"value_loss": [], "vf_clip_frac": []}
+                            for s in range(0, len(chunk), size):
+                                maybe_inject("ppo", it + 1, size)
+                                idx = chunk[s: s + size]
+                                v = eng.scalar(response_hidden(eng, ro.seqs[idx], ro.mask[idx], P))
+                                vl, vf = M.value_loss(v, values[idx], returns[idx], m[idx], cfg.vf_clip)
+                                eng.backward(vl * len(idx) / len(chunk))
+                                st["value_loss"].append(float(vl.detach()))
+                                st["vf_clip_frac"].append(float(vf))
+                            return st
+
+                        for k, v in mb.run(it + 1, critic_grads, _reset(opt_critic, eng)).items():
+                            stats[k] += v
                         torch.nn.utils.clip_grad_norm_(eng.parameters_of("critic"), 1.0)
                         opt_critic.step()
                         opt_critic.zero_grad(set_to_none=True)
@@ -394,7 +453,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             row = {
                 "iteration": it + 1, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
                 "kl": mean_kl, "kl_coef": kl_ctl.value, "entropy": float(M.masked_mean(entropy, m)),
-                "response_length": float(m.sum(-1).mean()),
+                "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size,
+                "oom_retries": sum(1 for e in mb.events if e["step"] == it + 1),
                 **{k: sum(v) / len(v) for k, v in stats.items() if v},
                 **{f"seconds_{k}": v for k, v in times.items()},
                 "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
@@ -408,12 +468,16 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                     e.allocated if device.type == "cuda" else e.cpu_ram)
             metrics.write(**row)
             iter_seconds.append(sum(times.values()))
+            state.update(iteration=it + 1, seconds=state["seconds"] + time.time() - t_iter)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{mean_kl:.3f}")
+            end_of_iteration(it)
         bar.close()
+        skipped = state["skipped"]
+        eval_before = state["eval_before"]
         if skipped == cfg.iterations:
             raise UserError(f"every PPO iteration was skipped because the reward failed ({cfg.iterations} of "
-                            f"{cfg.iterations}); see {cfg.out}/ppo metrics, fix the reward and re-run")
+                            f"{cfg.iterations}; last: {state.get('skip_reason', '?')}); fix the reward and re-run")
         eval_after = score_policy(roles, held, eval_fn, tok, cfg, use_reference=False) if held and eval_fn else None
 
         # ---- save ------------------------------------------------------------------------------
@@ -433,7 +497,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             "heldout_before": eval_before, "heldout_after": eval_after,
             "base_sha256_before": base_before, "base_sha256_after": base_fingerprint(roles.engines["actor"]),
             "separate_models": cfg.separate_models, "seconds_per_iteration": _mean(iter_seconds),
-            "seconds": time.time() - t_start, "memory": report,
+            "micro_batch": mb.size, "oom_events": mb.events, "seconds": state["seconds"], "memory": report,
         }
         metrics.close()
         write_json(out / "summary.json", summary)
@@ -444,6 +508,14 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         except ImportError:
             pass
     return summary
+
+
+def _reset(opt: torch.optim.Optimizer, engine: SharedBase):
+    """What an OOM mid-update undoes before the retry: the partial gradients and the pending forward."""
+    def reset() -> None:
+        opt.zero_grad(set_to_none=True)
+        engine.abandon()
+    return reset
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -13,7 +13,6 @@ forward pays for two stacked adapters.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lowmem_rlhf import checkpoint
 from lowmem_rlhf import data as D
 from lowmem_rlhf.adapters import SharedBase
 from lowmem_rlhf.config import Profile, Shape
@@ -29,9 +29,12 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
+from lowmem_rlhf.oom import MicroBatch, learned_cap, maybe_inject
 from lowmem_rlhf.optim import make_optimizer, warmup_cosine
 from lowmem_rlhf.report import counted_components, memory_report
-from lowmem_rlhf.runs import MetricsWriter, is_complete, progress_bar, stage_dir, write_json, write_stage_config
+from lowmem_rlhf.runs import (MetricsWriter, check_resume_config, is_complete, progress_bar, stage_dir, write_json,
+                              write_stage_config)
+from lowmem_rlhf.stopping import StopOnSignal
 
 
 @dataclass
@@ -51,6 +54,8 @@ class RMConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    resume: bool = False  # continue from RUN/.rm.partial's newest checkpoint
+    save_every: int = 10  # optimizer steps between checkpoints (0: only on SIGINT/SIGTERM)
 
 
 def sft_adapter_of(init_from: Path | None) -> list[Path]:
@@ -102,14 +107,18 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def run_rm(cfg: RMConfig, console=None) -> dict:
+    say = console.print if console else print
     # ---- setup --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     prof = cfg.profile
     lr = cfg.lr if cfg.lr is not None else prof.learning_rate
     merged = sft_adapter_of(cfg.init_from)
-    with stage_dir(cfg.out, "rm", cfg.overwrite) as out:
-        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged))
+    with stage_dir(cfg.out, "rm", cfg.overwrite, cfg.resume) as out, StopOnSignal(say) as stop:
+        if cfg.resume:
+            check_resume_config(out, cfg)
+        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged),
+                            context=(cfg.max_len, "--max-len"))
         device, tok = loaded.device, loaded.tokenizer
         train, held = prepare_pairs(cfg, tok)
         engine = SharedBase(loaded, prof, seed=cfg.seed)
@@ -118,31 +127,51 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         opt = make_optimizer(engine.parameters_of("reward"), prof.optimizer, lr, device=device)
         sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
         est = estimate(loaded.spec, prof, "rm", Shape(seq_len=cfg.max_len, batch=cfg.batch), target=device.type)
-        write_stage_config(out, "RM", cfg, prof, est, merged=merged, source=loaded.source)
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        if not cfg.resume:
+            write_stage_config(out, "RM", cfg, prof, est, merged=merged, source=loaded.source)
         meter = MemoryMeter(device.type)
-        mb = prof.micro_batch
-        accum = max(1, math.ceil(cfg.batch / mb))
+        mb = MicroBatch(min(prof.micro_batch, learned_cap(cfg.out, "rm", prof.name) or prof.micro_batch),
+                        "rm", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})")
         sampler = D.EpochSampler(len(train), cfg.seed)
-        before = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
+        parts = dict(models={"reward": (engine.model, engine.owns("reward"))}, optimizers={"reward": opt},
+                     schedulers={"reward": sched}, samplers={"train": sampler})
+        state = {"step": 0, "losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size, "seconds": 0.0}
+        ckpt = checkpoint.latest(out) if cfg.resume else None
+        if ckpt is not None:
+            state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
+            mb.size = state["micro_batch"]
+            say(f"resuming RM from {ckpt} (step {state['step']} of {cfg.max_steps})")
+        elif held:
+            state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)
+        metrics = MetricsWriter(out / "metrics.jsonl", keep=("step", state["step"]) if ckpt else None)
+
+        def reset() -> None:  # an OOM mid-step: drop the partial gradients, retry the whole step
+            opt.zero_grad(set_to_none=True)
+            engine.abandon()
 
         # ---- loop -----------------------------------------------------------------------------
         bar = progress_bar(cfg.max_steps, "RM", cfg.progress)
-        losses, accs = [], []
-        t_start = time.time()
-        for step in range(cfg.max_steps):
+        bar.update(state["step"])
+        losses, accs = state["losses"], state["accs"]
+        for step in range(state["step"], cfg.max_steps):
             t0 = time.time()
-            rows = [train[i] for i in sampler.draw(mb * accum)]
-            step_loss, correct = 0.0, 0
-            with meter.phase("train_step"):
-                for i in range(accum):
-                    chunk = rows[i * mb: (i + 1) * mb]
+            rows = [train[i] for i in sampler.draw(cfg.batch)]
+
+            def accumulate(size: int) -> tuple[float, int]:
+                total, correct = 0.0, 0
+                for i in range(0, len(rows), size):
+                    maybe_inject("rm", step + 1, size)
+                    chunk = rows[i: i + size]
                     rc, rr = pair_scores(engine, [r["chosen_ids"] for r in chunk],
                                          [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
                     loss = -F.logsigmoid(rc - rr).sum()
                     engine.backward(loss / len(rows))
-                    step_loss += float(loss.detach())
+                    total += float(loss.detach())
                     correct += int((rc > rr).sum())
+                return total, correct
+
+            with meter.phase("train_step"):
+                step_loss, correct = mb.run(step + 1, accumulate, reset)
                 grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("reward"), 1.0)
                 opt.step()
                 sched.step()
@@ -150,12 +179,17 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             losses.append(step_loss / len(rows))
             accs.append(correct / len(rows))
             dt = time.time() - t0
+            state.update(step=step + 1, micro_batch=mb.size, seconds=state["seconds"] + dt)
             metrics.write(step=step + 1, loss=losses[-1], accuracy=accs[-1], lr=sched.get_last_lr()[0],
-                          grad_norm=float(grad_norm), seconds=dt, **{f"peak_{k}": v for k, v in meter.read().items()})
+                          grad_norm=float(grad_norm), samples=len(rows), micro_batch=mb.size,
+                          oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=dt,
+                          **{f"peak_{k}": v for k, v in meter.read().items()})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.2f}")
+            checkpoint.at_step_end(out, step + 1, cfg.max_steps, cfg.save_every, stop,
+                                   lambda: checkpoint.capture(loop=state, **parts), "RM")
         bar.close()
-        after = evaluate_pairs(engine, held, tok.pad_token_id, mb, device) if held else None
+        after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save ------------------------------------------------------------------------------
         engine.save_adapter("reward", out / "adapter",
@@ -167,7 +201,8 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             "loss_first": losses[0], "loss_last": losses[-1],
             "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
             "train_accuracy_last5": sum(accs[-5:]) / len(accs[-5:]),
-            "eval_before": before, "eval_after": after, "seconds": time.time() - t_start, "memory": report,
+            "eval_before": state["eval_before"], "eval_after": after, "micro_batch": mb.size,
+            "oom_events": mb.events, "seconds": state["seconds"], "memory": report,
         }
         metrics.close()
         write_json(out / "summary.json", summary)

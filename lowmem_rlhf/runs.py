@@ -36,24 +36,73 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / SUMMARY).exists()
 
 
+def partial_dir(run_dir: Path, stage: str) -> Path:
+    """Where a stage in progress lives (with its checkpoints) until it completes."""
+    return Path(run_dir) / f".{stage}.partial"
+
+
+def has_checkpoint(run_dir: Path, stage: str) -> bool:
+    from lowmem_rlhf import checkpoint
+
+    return checkpoint.latest(partial_dir(run_dir, stage)) is not None
+
+
 @contextlib.contextmanager
-def stage_dir(run_dir: Path, stage: str, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder for `stage` that becomes RUN/stage only if the body completes."""
+def stage_dir(run_dir: Path, stage: str, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """RUN/.stage.partial while the body runs; renamed to RUN/stage only if the body completes.
+
+    A failed or interrupted stage keeps its partial folder when it holds a checkpoint (for
+    `--resume`), and removes it otherwise. Checkpoints are dropped from the finished folder."""
+    from lowmem_rlhf import checkpoint
+
     run_dir = Path(run_dir)
     ensure_writable(run_dir)
     final = run_dir / stage
+    tmp = partial_dir(run_dir, stage)
+    ckpt = checkpoint.latest(tmp)
     if final.exists() and not overwrite:
-        raise UserError(f"{final} already exists (a finished stage); pass --overwrite or choose another --out")
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{stage}.partial-"))
+        raise UserError(f"{final} already exists (a finished stage); "
+                        + ("nothing to resume; " if resume else "") + "pass --overwrite or choose another --out")
+    if resume and ckpt is None:
+        raise UserError(f"--resume: {tmp} holds no checkpoint of the {stage} stage; run it without --resume")
+    if not resume and ckpt is not None and not overwrite:
+        raise UserError(f"{tmp} holds an unfinished {stage} run (checkpoint at step {checkpoint.step_of(ckpt)}); "
+                        "pass --resume to continue it or --overwrite to start over")
+    if not resume:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-    finally:
-        if tmp.exists():
+    except BaseException:
+        if checkpoint.latest(tmp) is None:
             shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp / checkpoint.CKPT_DIR, ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+
+
+def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resume", "overwrite", "progress",
+                                                                           "save_every")) -> None:
+    """--resume must continue the same run: every setting except `volatile` equals the saved one."""
+    from dataclasses import asdict
+
+    saved_path = Path(out) / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(json.dumps(asdict(cfg), default=_jsonable))
+    for key, value in now.items():
+        if key in volatile or key not in saved:
+            continue
+        if saved[key] != value:
+            was = saved[key]
+            if isinstance(value, dict) and isinstance(was, dict):  # the profile: name the field
+                key, was, value = next((f"{key}.{k}", was.get(k), v) for k, v in value.items() if was.get(k) != v)
+            raise UserError(f"--resume: {saved_path} was started with {key}={was!r}, now {value!r}; resume with "
+                            "the same settings, or pass --overwrite to start over")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,10 +115,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; flushes each line so a crash keeps what was logged."""
+    """Appends one JSON object per line; flushes each line so a crash keeps what was logged.
 
-    def __init__(self, path: Path):
+    keep=(key, n) on resume: rows logged after the checkpoint (key > n) are dropped first, so each
+    step appears once even when a killed run had logged steps it never checkpointed."""
+
+    def __init__(self, path: Path, keep: tuple[str, int] | None = None):
         self.path = Path(path)
+        if keep is not None and self.path.exists():
+            key, n = keep
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = []
+            for line in rows:
+                try:
+                    if json.loads(line).get(key, 0) <= n:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    pass
+            self.path.write_text("".join(x + "\n" for x in kept))
         self._f = self.path.open("a")
         self._t0 = time.time()
 

@@ -1,7 +1,8 @@
 """Stage 1, SFT: train the `sft` LoRA adapter on instruction data, completion-only loss.
 
-Reads top to bottom: setup (profile, model, data, adapter, optimizer) -> loop (gradient
-accumulation, one backward per micro-batch) -> save (adapter in PEFT layout, resolved profile,
+Reads top to bottom: setup (profile, model, data, adapter, optimizer; or all of it restored from
+the newest checkpoint with --resume) -> loop (gradient accumulation, one backward per micro-batch,
+halved on out-of-memory; a checkpoint every `save_every` steps and on SIGINT/SIGTERM) -> save (adapter in PEFT layout, resolved profile,
 metrics, estimated-vs-measured memory) into RUN/sft, atomically.
 
 The loop is ours, not trl's SFTTrainer: the trainer would wrap the model in its own PEFT adapter,
@@ -10,7 +11,6 @@ while every stage here must add named adapters (and heads) to one shared base th
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import checkpoint
 from lowmem_rlhf import data as D
 from lowmem_rlhf.adapters import SharedBase
 from lowmem_rlhf.config import Profile, Shape
@@ -25,9 +26,12 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
+from lowmem_rlhf.oom import MicroBatch, learned_cap, maybe_inject
 from lowmem_rlhf.optim import make_optimizer, warmup_cosine
 from lowmem_rlhf.report import counted_components, memory_report
-from lowmem_rlhf.runs import MetricsWriter, progress_bar, stage_dir, write_json, write_stage_config
+from lowmem_rlhf.runs import (MetricsWriter, check_resume_config, progress_bar, stage_dir, write_json,
+                              write_stage_config)
+from lowmem_rlhf.stopping import StopOnSignal
 
 
 @dataclass
@@ -45,6 +49,8 @@ class SFTConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    resume: bool = False  # continue from RUN/.sft.partial's newest checkpoint
+    save_every: int = 10  # optimizer steps between checkpoints (0: only on SIGINT/SIGTERM)
 
 
 def completion_loss(engine: SharedBase, batch: dict) -> tuple[torch.Tensor, int]:
@@ -85,13 +91,16 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]
 
 
 def run_sft(cfg: SFTConfig, console=None) -> dict:
+    say = console.print if console else print
     # ---- setup --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     prof = cfg.profile
     lr = cfg.lr if cfg.lr is not None else prof.learning_rate
-    with stage_dir(cfg.out, "sft", cfg.overwrite) as out:
-        loaded = load_model(cfg.model, prof, cfg.trust_remote_code)
+    with stage_dir(cfg.out, "sft", cfg.overwrite, cfg.resume) as out, StopOnSignal(say) as stop:
+        if cfg.resume:
+            check_resume_config(out, cfg)
+        loaded = load_model(cfg.model, prof, cfg.trust_remote_code, context=(cfg.max_len, "--max-len"))
         device = loaded.device
         tok = loaded.tokenizer
         train, held = prepare_examples(cfg, tok)
@@ -102,45 +111,70 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
         shape = Shape(seq_len=cfg.max_len, batch=cfg.batch)
         est = estimate(loaded.spec, prof, "sft", shape, target=device.type)
-        write_stage_config(out, "SFT", cfg, prof, est, source=loaded.source)
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        if not cfg.resume:
+            write_stage_config(out, "SFT", cfg, prof, est, source=loaded.source)
         meter = MemoryMeter(device.type)
-        mb = prof.micro_batch
-        accum = max(1, math.ceil(cfg.batch / mb))
+        mb = MicroBatch(min(prof.micro_batch, learned_cap(cfg.out, "sft", prof.name) or prof.micro_batch),
+                        "sft", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})")
         sampler = D.EpochSampler(len(train), cfg.seed)
-        eval_before = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
+        parts = dict(models={"sft": (engine.model, engine.owns("sft"))}, optimizers={"sft": opt},
+                     schedulers={"sft": sched}, samplers={"train": sampler})
+        state = {"step": 0, "losses": [], "eval_before": None, "micro_batch": mb.size, "seconds": 0.0}
+        ckpt = checkpoint.latest(out) if cfg.resume else None
+        if ckpt is not None:
+            state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
+            mb.size = state["micro_batch"]
+            say(f"resuming SFT from {ckpt} (step {state['step']} of {cfg.max_steps})")
+        elif held:
+            state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
+        metrics = MetricsWriter(out / "metrics.jsonl", keep=("step", state["step"]) if ckpt else None)
+
+        def reset() -> None:  # an OOM mid-step: drop the partial gradients, retry the whole step
+            opt.zero_grad(set_to_none=True)
+            engine.abandon()
 
         # ---- loop -----------------------------------------------------------------------------
         bar = progress_bar(cfg.max_steps, "SFT", cfg.progress)
-        losses = []
-        t_start = time.time()
-        for step in range(cfg.max_steps):
+        bar.update(state["step"])
+        losses = state["losses"]
+        for step in range(state["step"], cfg.max_steps):
             t0 = time.time()
-            rows = [train[i] for i in sampler.draw(mb * accum)]
+            rows = [train[i] for i in sampler.draw(cfg.batch)]
             n_tokens = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
-            step_loss = 0.0
-            with meter.phase("train_step"):
-                for i in range(accum):
-                    chunk = rows[i * mb: (i + 1) * mb]
+
+            def accumulate(size: int) -> float:
+                total = 0.0
+                for i in range(0, len(rows), size):
+                    maybe_inject("sft", step + 1, size)
+                    chunk = rows[i: i + size]
                     batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
                                             [r["labels"] for r in chunk])
                     loss, _ = completion_loss(engine, {k: v.to(device) for k, v in batch.items()})
                     engine.backward(loss / max(n_tokens, 1))
-                    step_loss += float(loss.detach())
+                    total += float(loss.detach())
+                return total
+
+            with meter.phase("train_step"):
+                step_loss = mb.run(step + 1, accumulate, reset)
                 grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("sft"), 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             losses.append(step_loss / max(n_tokens, 1))
             dt = time.time() - t0
+            state.update(step=step + 1, micro_batch=mb.size, seconds=state["seconds"] + dt)
             seq_tokens = sum(len(r["input_ids"]) for r in rows)
             metrics.write(step=step + 1, loss=losses[-1], lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                          samples=len(rows), micro_batch=mb.size,
+                          oom_retries=sum(1 for e in mb.events if e["step"] == step + 1),
                           tokens=seq_tokens, seconds=dt, tokens_per_s=seq_tokens / dt,
                           **{f"peak_{k}": v for k, v in meter.read().items()})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            checkpoint.at_step_end(out, step + 1, cfg.max_steps, cfg.save_every, stop,
+                                   lambda: checkpoint.capture(loop=state, **parts), "SFT")
         bar.close()
-        eval_after = eval_loss(engine, held, tok.pad_token_id, mb, device) if held else None
+        eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save ------------------------------------------------------------------------------
         engine.save_adapter("sft", out / "adapter", extra_meta={"stage": "sft"})
@@ -150,8 +184,8 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             "train_examples": len(train), "eval_examples": len(held),
             "loss_first": losses[0], "loss_last": losses[-1],
             "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
-            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
-            "seconds": time.time() - t_start, "memory": report,
+            "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
+            "micro_batch": mb.size, "oom_events": mb.events, "seconds": state["seconds"], "memory": report,
         }
         metrics.close()
         write_json(out / "summary.json", summary)

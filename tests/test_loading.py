@@ -60,3 +60,20 @@ def test_bad_model_folders(tmp_path, tiny_llama):
         load_model(str(tmp_path), load_profile("qlora-shared"))
     with pytest.raises(UserError, match="no such folder"):
         load_model(str(tmp_path / "nope"), load_profile("qlora-shared"))
+
+
+def test_remote_code_runs_only_with_the_flag(tiny_glm, capsys):
+    """Planning a stage for a custom-code model: refused with the flag named, built with it."""
+    from lowmem_rlhf.cli import main
+    from lowmem_rlhf.model_spec import load_spec
+
+    with pytest.raises(UserError, match="pass --trust-remote-code to run it"):
+        load_spec(str(tiny_glm))
+    spec = load_spec(str(tiny_glm), trust_remote_code=True)
+    real = load_model(str(tiny_glm), load_profile("lora-bf16-shared"), trust_remote_code=True)
+    assert spec.output_layer == "output_layer" and spec.total_params == real.spec.total_params
+    try:
+        main(["plan", "--model", str(tiny_glm)])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "--trust-remote-code" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_reward_command(byte_llama, tmp_path):
 def test_failing_reward_skips_the_step_and_never_trains(byte_llama, tmp_path, kw, needle):
     with pytest.raises(UserError, match="every PPO iteration was skipped"):
         run_ppo(_cfg(byte_llama, tmp_path, iterations=2, **kw))
-    assert not (tmp_path / "ppo").exists() and not list(tmp_path.glob(".ppo.partial-*"))
+    assert not (tmp_path / "ppo").exists() and not list(tmp_path.glob(".ppo.partial*"))
 
 
 def test_failing_reward_is_reported_with_the_sample(byte_llama, tmp_path, capsys):
