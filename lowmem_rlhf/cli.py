@@ -173,10 +173,57 @@ def plan(
     stages: str = typer.Option("sft,rm,ppo", "--stages", help="stages that must fit, comma-separated"),
     profiles: Optional[str] = typer.Option(None, "--profiles", help="only these profiles (names or YAML paths, comma-separated)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    simulate: bool = typer.Option(False, "--simulate", help="also rehearse one step of each stage of the chosen profile on meta tensors and print simulated vs analytic peaks"),
 ):
     """Which profile makes SFT, RM and PPO fit this card, and each stage's estimated peak."""
-    _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-              stages, profiles, as_json)
+    if simulate and as_json:  # one JSON document: the plan's own print is replaced by the combined one
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
+                          stages, profiles, True)
+    else:
+        p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
+                      stages, profiles, as_json)
+    if simulate:
+        from lowmem_rlhf.simulate import simulate as run_simulation
+
+        sims = [run_simulation(model, p.chosen.profile, st, p.shape) for st in p.stages]
+        if as_json:
+            d = p.to_dict()
+            d["simulation"] = {s.stage: s.to_dict() for s in sims}
+            print(json.dumps(d, indent=2))
+        else:
+            print_simulation(sims)
+
+
+def print_simulation(sims: list) -> None:
+    """Simulated (meta-device rehearsal) vs analytic allocated peak per phase, tags at the peak."""
+    from lowmem_rlhf.simulate import NOT_MODELLED
+
+    for sim in sims:
+        t = Table(title=f"{sim.stage.upper()} {sim.model} ({sim.profile.name}, quant={sim.profile.quant}, "
+                        f"ckpt={'on' if sim.profile.grad_ckpt else 'off'}, micro-batch {sim.profile.micro_batch}): "
+                        f"simulated vs analytic, GiB ({sim.seconds:.1f} s)")
+        t.add_column("phase")
+        t.add_column("simulated allocated", justify="right")
+        t.add_column("analytic allocated", justify="right")
+        t.add_column("analytic vs sim", justify="right")
+        t.add_column("sim device (+reserve, context, paged)", justify="right")
+        t.add_column("simulated by component at the peak")
+        t.add_column("analytic components")
+        for ph in sim.phases:
+            t.add_row(ph.name, _gib(ph.peak), _gib(ph.analytic), f"{ph.drift:+.1%}", _gib(ph.device),
+                      ", ".join(f"{k} {_gib(v)}" for k, v in ph.by_tag.items() if v >= 2**20),
+                      ", ".join(f"{k} {_gib(v)}" for k, v in ph.analytic_components.items() if v >= 2**20))
+        out.print(t)
+        if sim.kv_cache:
+            out.print(f"simulated KV cache at full length: {_gib(sim.kv_cache)} GiB")
+        for note in sim.notes:
+            out.print(f"note: {note}")
+    out.print("not modelled by the simulation (the device column adds the estimator's figures): "
+              + "; ".join(f"{k}: {v}" for k, v in NOT_MODELLED.items()))
 
 
 @app.command()
@@ -202,6 +249,7 @@ def estimate(
     separate_models: bool = typer.Option(False, "--separate-models", help="PPO with four model copies instead of one shared base"),
     target: str = typer.Option("cuda", "--target", help="cuda (GPU figures) or cpu (host RAM)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (allocated_gib, reserved_gib, device_gib, cpu_ram_gib, components, phases)"),
+    simulate: bool = typer.Option(False, "--simulate", help="rehearse one real step on meta tensors (no weights allocated) and print simulated vs analytic per phase"),
 ):
     """Peak memory of one stage for explicit knobs, by component and phase."""
     from lowmem_rlhf.config import Profile, dataclass_from_dict, load_profile
@@ -232,6 +280,19 @@ def estimate(
     shape = _shape(seq_len, 16, prompt_len, response_len, rollout_batch)
     spec = load_spec(model)
     est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models)
+    if simulate:
+        from lowmem_rlhf.simulate import simulate as run_simulation
+
+        if target != "cuda" or separate_models:
+            raise UserError("--simulate rehearses the CUDA layout of one shared base; drop --target cpu / --separate-models")
+        sim = run_simulation(model, prof, stage, shape)
+        if as_json:
+            d = sim.to_dict()
+            d["profile_settings"] = prof.to_dict()
+            print(json.dumps(d, indent=2))
+        else:
+            print_simulation([sim])
+        return
     if as_json:
         d = est.to_dict()
         d["profile_settings"] = prof.to_dict()
@@ -288,14 +349,21 @@ def auto(
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the auto run in this folder with its saved settings: finished stages are kept, the stage in progress continues from its newest checkpoint"),
 ):
     """Detect (or take) the hardware, plan, and run SFT -> RM -> PPO with the chosen profile."""
     import time as _time
 
-    from lowmem_rlhf.auto import AutoConfig, run_auto
+    from lowmem_rlhf.auto import AutoConfig, load_auto_config, run_auto
     from lowmem_rlhf.config import load_all_profiles
     from lowmem_rlhf.planner import runnable_profiles
 
+    if resume is not None:
+        cfg = load_auto_config(resume)
+        cfg.out = resume
+        out.print(f"resuming {resume} with its saved settings (profile {cfg.profile.name})")
+        _print_auto_summary(run_auto(cfg, None, out, resume=True), resume)
+        return
     demo = model is None
     seq = seq_len or (128 if demo else 512)
     plen = prompt_len or (64 if demo else 256)
@@ -325,7 +393,10 @@ def auto(
         cfg.pairs = pairs
     if prompts:
         cfg.prompts = prompts
-    summary = run_auto(cfg, p.to_dict(), out)
+    _print_auto_summary(run_auto(cfg, p.to_dict(), out), run)
+
+
+def _print_auto_summary(summary: dict, run: Path) -> None:
     t = Table(title=f"auto: {run}")
     t.add_column("result")
     t.add_column("value", justify="right")
@@ -368,6 +439,8 @@ def ppo(
     eval_reward: Optional[str] = typer.Option(None, "--eval-reward", help="module:function scoring the held-out answers"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/ppo"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.ppo.partial (same settings)"),
+    save_every: int = typer.Option(2, "--save-every", help="iterations between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
 ):
@@ -376,9 +449,10 @@ def ppo(
 
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
               response_len=response_len, ppo_epochs=ppo_epochs)
+    _not_negative(save_every=save_every)
     if kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl-estimator must be k1 or k3, got {kl_estimator!r}")
-    prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu)
+    prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code)
     out.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/ppo")
     summary = run_ppo(PPOConfig(model=model, prompts=prompts, out=out_dir, profile=prof, sft=sft,
                                 reward_model=reward_model, reward=reward, reward_cmd=reward_cmd,
@@ -387,7 +461,8 @@ def ppo(
                                 critic_lr=critic_lr, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_target=kl_target,
                                 temperature=temperature, top_p=top_p, eval_prompts=eval_prompts,
                                 eval_reward=eval_reward, seed=seed, overwrite=overwrite,
-                                trust_remote_code=trust_remote_code), console=out)
+                                trust_remote_code=trust_remote_code, resume=resume, save_every=save_every),
+                     console=out)
     _print_summary(summary, "PPO summary")
 
 
@@ -407,7 +482,8 @@ def export(
     out.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
-def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str]):
+def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
+                   trust_remote_code: bool = False):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
     this machine (or on --gpu)."""
     from lowmem_rlhf.config import load_all_profiles, load_profile
@@ -423,7 +499,8 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
                             "without offload; use qlora-shared or lora-bf16-shared")
         return prof
     source = resolve_source(resolve_model_path(model))
-    return choose_profile(load_spec(source), _hardware(gpu, None, None), shape, load_all_profiles(), (stage,)).profile
+    spec = load_spec(source, trust_remote_code)
+    return choose_profile(spec, _hardware(gpu, None, None), shape, load_all_profiles(), (stage,)).profile
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -459,6 +536,8 @@ def sft(
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share of the data"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/sft"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.sft.partial (same settings)"),
+    save_every: int = typer.Option(10, "--save-every", help="optimizer steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code (off by default)"),
 ):
@@ -466,11 +545,13 @@ def sft(
     from lowmem_rlhf.sft import SFTConfig, run_sft
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu)
+    _not_negative(save_every=save_every)
+    prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
     out.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/sft")
     summary = run_sft(SFTConfig(model=model, data=data, out=out_dir, profile=prof, max_len=max_len, batch=batch,
                                 max_steps=max_steps, lr=lr, eval_fraction=eval_fraction, seed=seed,
-                                overwrite=overwrite, trust_remote_code=trust_remote_code))
+                                overwrite=overwrite, trust_remote_code=trust_remote_code, resume=resume,
+                                save_every=save_every), console=out)
     _print_summary(summary, "SFT summary")
 
 
@@ -489,6 +570,8 @@ def rm(
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share for accuracy"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/rm"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.rm.partial (same settings)"),
+    save_every: int = typer.Option(10, "--save-every", help="optimizer steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
 ):
@@ -496,19 +579,45 @@ def rm(
     from lowmem_rlhf.rm import RMConfig, run_rm
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu)
+    _not_negative(save_every=save_every)
+    prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
     out.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/rm")
     summary = run_rm(RMConfig(model=model, data=data, out=out_dir, profile=prof, init_from=init_from,
                               max_len=max_len, batch=batch, max_steps=max_steps, lr=lr, max_pairs=max_pairs,
                               eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
-                              trust_remote_code=trust_remote_code))
+                              trust_remote_code=trust_remote_code, resume=resume, save_every=save_every),
+                     console=out)
     _print_summary(summary, "RM summary")
+
+
+def _not_negative(**values: int) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
 
 
 def _positive(**values: int) -> None:
     for name, v in values.items():
         if v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
+@app.command()
+def doctor(
+    out_dir: Path = typer.Option(Path("."), "--out", "-o", help="folder whose disk space to check (where runs go)"),
+    ranges: Optional[str] = typer.Option(None, "--ranges", help="override tested version ranges, e.g. 'torch=<2.5,peft=>=0.20'"),
+):
+    """Check this machine: library versions against the tested ranges, CUDA/GPU/bf16, free VRAM,
+    RAM, disk, and whether 4-bit NF4 really works here (a tiny quantized matmul with gradients)."""
+    from lowmem_rlhf.doctor import render, run_checks
+
+    override = {}
+    for item in filter(None, (ranges or "").split(",")):
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise UserError(f"--ranges {item!r}: expected package=specifier, e.g. torch=<2.14")
+        override[name.strip()] = spec.strip()
+    raise typer.Exit(render(run_checks(override or None, disk_path=out_dir), out))
 
 
 @app.command()
@@ -539,12 +648,29 @@ def _quiet_libraries() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one-line errors, never a traceback for bad input."""
+    import errno
+
+    from lowmem_rlhf.stopping import Interrupted
+
     _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except Interrupted as e:
+        err.print(f"stopped: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("aborted: the newest complete checkpoint (if any) is kept; continue with --resume", markup=False)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            err.print(f"error: {e.strerror} while writing {e.filename or 'the run folder'}: free disk space or "
+                      "choose another --out; the newest complete checkpoint (if any) is kept for --resume",
+                      markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        raise
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -323,6 +323,31 @@ def logits_bytes(spec: ModelSpec, profile: Profile, tokens: int) -> int:
     return (p + 4 + 4) * tokens * spec.vocab_size
 
 
+LOGPROB_VOCAB_CHUNK = 8192  # ppo_math.token_logprobs / token_entropy: vocabulary columns per block
+
+
+def chunked_logprob_bytes(spec: ModelSpec, profile: Profile, tokens: int, grad: bool) -> int:
+    """Peak of PPO's log-probs (ppo_math.token_logprobs), which never builds (tokens, vocab) logits:
+    one (tokens, chunk) block at a time: 16-bit logits, their fp32 copy and exp/product temporaries
+    (entropy, under no_grad), or in the checkpointed backward the recomputed block, its fp32
+    gradient and the 16-bit gradient; plus the gathered target rows in fp32 (tokens, hidden).
+    Correction from the meta-device rehearsal (simulate.py): the estimator charged PPO the SFT
+    loss's full-vocabulary logits over prompt + response, +25-50% on small models' actor update."""
+    p = act_bytes(profile)
+    chunk = min(LOGPROB_VOCAB_CHUNK, spec.vocab_size)
+    per_elem = (2 * p + 12) if grad else (p + 12)
+    return per_elem * tokens * chunk + 12 * tokens * spec.hidden_size
+
+
+def dequant_transient_bytes(spec: ModelSpec, profile: Profile) -> int:
+    """bitsandbytes' CUDA gemm_4bit dequantizes the largest 4-bit weight to a 16-bit copy for more
+    than a few tokens (prefill, training): one (out, in) transient. Found by the meta-device
+    rehearsal (simulate.py); 0 for 16-bit weights."""
+    if profile.quant not in ("nf4", "fp4"):
+        return 0
+    return max(lin.in_features * lin.out_features for lin in spec.linears) * DTYPE_BYTES[profile.dtype]
+
+
 def kv_cache_bytes(spec: ModelSpec, profile: Profile, batch: int, tokens: int) -> int:
     """Keys and values of every layer: 2 x L x kv_heads x head_dim x tokens x batch x bytes."""
     return 2 * spec.num_layers * spec.kv_dim * tokens * batch * act_bytes(profile)
@@ -348,6 +373,7 @@ def _train_step(name: str, spec: ModelSpec, profile: Profile, tokens: int, stati
     logits = logits_bytes(spec, profile, tokens) - 4 * tokens * spec.vocab_size if lm_logits else 0
     comps["logits"] = logits
     comps["recompute"] = acts["recompute"]
+    comps["dequant"] = dequant_transient_bytes(spec, profile)  # simulation-found transient (4-bit only)
     return Phase(name, comps, paged=paged, target=target)
 
 
@@ -438,17 +464,22 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     gen["kv_cache"] = kv_cache_bytes(spec, profile, B, S)
     gen["transient"] = max(layer_forward_transient(spec, profile, B * P), 0) + B * P * spec.hidden_size * p
     gen["logits"] = B * spec.vocab_size * (p + 4 + 4)
+    gen["dequant"] = dequant_transient_bytes(spec, profile)  # prefill: many tokens per 4-bit matmul
     phases.append(Phase("generation", gen, paged=paged, target=target))
     # scoring: reward (+ value and reference log-probs), forward only, one micro-batch at a time
     score = dict(static)
     score["transient"] = layer_forward_transient(spec, profile, mb * S) + 2 * mb * S * spec.hidden_size * p
-    score["logits"] = mb * R * spec.vocab_size * (p + 4)  # response logits + one fp32 log-softmax
+    score["logits"] = chunked_logprob_bytes(spec, profile, mb * R, grad=False)  # response tokens, chunked
+    score["dequant"] = dequant_transient_bytes(spec, profile)
     phases.append(Phase("scoring", score, paged=paged, target=target))
     # actor update: forward + backward of the actor adapter over prompt + response
     upd = dict(static)
     upd.pop("optimizer")
-    phase = _train_step("actor_update", spec, profile, mb * S, upd, [actor], lm_logits=True,
+    # the backbone runs over prompt + response; log-probs only over the response, chunked
+    # (simulation-corrected: no full-vocabulary logits, see chunked_logprob_bytes)
+    phase = _train_step("actor_update", spec, profile, mb * S, upd, [actor], lm_logits=False,
                         target=target, paged_ok=False)
+    phase.components["logits"] = chunked_logprob_bytes(spec, profile, mb * R, grad=True)
     phase.components["optimizer"] = static["optimizer"]
     phase.paged = paged
     phases.append(phase)

@@ -156,20 +156,34 @@ def _quant_config(profile: Profile):
     return None
 
 
+def check_context(config, source: str, tokens: int, flag: str) -> None:
+    """Sequences longer than the model's positions are a one-line error before any weight loads."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "seq_length")
+                  if isinstance(getattr(text, k, None), int)), None)
+    if limit is not None and tokens > limit:
+        raise UserError(f"{flag} asks for {tokens} tokens but {source} has a context of {limit} "
+                        f"(max_position_embeddings in its config.json); lower {flag.split(' ')[0]}")
+
+
 def load_model(model: str | None, profile: Profile, trust_remote_code: bool = False,
-               merge_adapters: tuple[str | Path, ...] = (), training: bool = True) -> LoadedModel:
-    """Load base + tokenizer per profile; optionally merge finished adapters (e.g. SFT) into it."""
+               merge_adapters: tuple[str | Path, ...] = (), training: bool = True,
+               context: tuple[int, str] | None = None) -> LoadedModel:
+    """Load base + tokenizer per profile; optionally merge finished adapters (e.g. SFT) into it.
+    context=(tokens, flag): refuse, before loading weights, sequences longer than the model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_source(model)
     try:
-        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # fails early, with the flag hint
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # fails early, with the flag hint
     except ValueError as e:
         msg = str(e).splitlines()[0][:200]
         hint = "" if trust_remote_code else "; if the model needs custom code, pass --trust-remote-code"
         raise UserError(f"--model {source}: transformers cannot read its config ({msg}){hint}") from None
     except OSError as e:
         raise UserError(f"--model {source}: {str(e).splitlines()[0][:200]}") from None
+    if context is not None:
+        check_context(config, source, *context)
     tokenizer = load_tokenizer(source, trust_remote_code)
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     kwargs = dict(dtype=TORCH_DTYPES[profile.dtype], attn_implementation=attention_implementation(profile.attn_impl),
@@ -195,6 +209,13 @@ def load_model(model: str | None, profile: Profile, trust_remote_code: bool = Fa
             raise UserError(f"{path}: adapter does not fit this base: it was trained on another model "
                             f"(saved vs --model: {diff})")
         lm = merge_adapter(lm, path)
+    prepare_base(lm, profile, training)
+    return LoadedModel(lm, tokenizer, spec, source, fingerprint)
+
+
+def prepare_base(lm: torch.nn.Module, profile: Profile, training: bool = True) -> None:
+    """What every loaded base goes through (real weights or the meta rehearsal in simulate.py):
+    frozen, k-bit fp32 upcast of non-quantized params when the profile asks, checkpointing."""
     for p in lm.parameters():
         p.requires_grad_(False)
     if profile.quant != "none" and profile.kbit_fp32_upcast:
@@ -204,7 +225,6 @@ def load_model(model: str | None, profile: Profile, trust_remote_code: bool = Fa
     if training and profile.grad_ckpt:
         enable_checkpointing(lm)
     lm.config.use_cache = False
-    return LoadedModel(lm, tokenizer, spec, source, fingerprint)
 
 
 def enable_checkpointing(lm: torch.nn.Module) -> None:
@@ -253,4 +273,4 @@ def read_adapter_meta(path: str | Path) -> dict:
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "resolve_source", "output_layer", "backbone",
            "lora_target_names", "guard_bnb_cpu_repack", "merge_adapter", "attention_implementation",
-           "fingerprint_of", "read_adapter_meta", "enable_checkpointing", "TORCH_DTYPES"]
+           "fingerprint_of", "read_adapter_meta", "enable_checkpointing", "prepare_base", "TORCH_DTYPES"]
