@@ -96,6 +96,11 @@ def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, m
     periodic = save_every > 0 and step % save_every == 0 and step < total
     if not (periodic or stop.requested):
         return
+    if make_state is None:  # a trainer whose state is not checkpointed (ZeRO-3)
+        if stop.requested:
+            raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total}; this profile keeps "
+                              "no checkpoint yet (ZeRO-3 offload), so the stage starts over when run again")
+        return
     path = save(stage_dir, step, make_state())
     if stop.requested:
         raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total}; checkpoint saved in "

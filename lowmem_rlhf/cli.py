@@ -86,6 +86,8 @@ def print_plan(p) -> None:
     t.add_column("micro x accum, ckpt")
     for st in p.stages:
         t.add_column(st.upper(), justify="right")
+    if p.target == "cuda":  # what the stages hold in host RAM (ZeRO-3 offload puts the model there)
+        t.add_column("CPU RAM", justify="right")
     t.add_column("verdict")
     for c in p.candidates:
         row = [c.profile.name, (f"{c.profile.micro_batch} x {c.profile.grad_accum}, "
@@ -93,6 +95,8 @@ def print_plan(p) -> None:
         for st in p.stages:
             e = c.estimates.get(st)
             row.append(_gib(getattr(e, fig)) if e else "-")
+        if p.target == "cuda":
+            row.append(_gib(max(e.cpu_ram for e in c.estimates.values())) if c.estimates else "-")
         row.append(("[green]fits[/green] " if c.fits else "[red]no[/red]: ") + (c.reason if not c.fits else ""))
         t.add_row(*row)
     out.print(t)
@@ -482,6 +486,10 @@ def export(
     out.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+ZERO3_PPO_REASON = ("PPO does not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine the "
+                    "critic never moved and the actor took twice torch's update (scripts/zero3_ppo_equivalence.py)")
+
+
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
                    trust_remote_code: bool = False):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
@@ -494,9 +502,11 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
 
     if profile:
         prof = load_profile(profile)
-        if not prof.is_lora or prof.offload != "none":
-            raise UserError(f"profile {prof.name}: this version trains LoRA adapters on a shared base "
-                            "without offload; use qlora-shared or lora-bf16-shared")
+        if not prof.is_lora:
+            raise UserError(f"profile {prof.name}: this version trains LoRA adapters on a shared base; "
+                            "use qlora-shared, lora-bf16-shared or zero3-offload")
+        if prof.offload == "zero3" and stage == "ppo":
+            raise UserError(f"profile {prof.name}: {ZERO3_PPO_REASON}; use qlora-shared for PPO")
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)

@@ -382,8 +382,17 @@ def _zero3_split(phase: Phase, spec: ModelSpec, profile: Profile) -> Phase:
     gathered parameters of the largest layers in flight (current + prefetched) and activations."""
     wb = DTYPE_BYTES[profile.dtype]
     comps = dict(phase.components)
-    cpu = comps.pop("weights", 0) + comps.pop("optimizer", 0) + phase.paged
-    if not profile.is_lora:
+    weights = comps.pop("weights", 0)
+    # host: the base's partitions, plus the copy it was loaded into, which is not given back
+    # (measured by scripts/zero3_cpu_vs_estimate.py: loading +228 MiB, initialize +387 MiB for a
+    # 256 MiB base)
+    cpu = 2 * weights + comps.pop("optimizer", 0) + phase.paged
+    if profile.is_lora:
+        # the adapter is partitioned too (persistence threshold 0): its fp32 partition, a gradient
+        # partition, the fp32 master and fp32 gradient live on the host (16 B per trained parameter
+        # besides Adam's 8); the device keeps a gradient bucket sized to the trained parameters
+        cpu += 4 * comps.pop("adapters", 0)
+    else:
         # fp32 master copy + fp32 gradients on the host; 16-bit grads stream through the GPU
         cpu += spec.total_params * (4 + 4)
         comps["gradients"] = 2 * spec.layer_linear_params * wb

@@ -185,7 +185,9 @@ def load_model(model: str | None, profile: Profile, trust_remote_code: bool = Fa
     if context is not None:
         check_context(config, source, *context)
     tokenizer = load_tokenizer(source, trust_remote_code)
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    # ZeRO-3 offload: the base stays in CPU RAM (it may not fit the GPU); DeepSpeed partitions it
+    on_gpu = torch.cuda.is_available() and profile.offload != "zero3"
+    device_map = {"": torch.cuda.current_device()} if on_gpu else None
     kwargs = dict(dtype=TORCH_DTYPES[profile.dtype], attn_implementation=attention_implementation(profile.attn_impl),
                   trust_remote_code=trust_remote_code)
     qc = _quant_config(profile)

@@ -33,6 +33,8 @@ def memory_report(est: Estimate, peaks: dict[str, dict[str, int]], counted: dict
         if name == "adapters":
             # the estimator books heads separately; trainable params hold both
             e = est.peak.components.get("adapters", 0) + est.peak.components.get("heads", 0)
+        elif name == "cpu_offload":  # host RAM DeepSpeed holds under ZeRO-3
+            e = est.peak.cpu_offload
         else:
             e = est.peak.components.get(name, 0)
         comps[name] = [e, value]

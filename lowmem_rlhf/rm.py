@@ -13,6 +13,7 @@ forward pays for two stacked adapters.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
 from lowmem_rlhf.oom import MicroBatch, learned_cap, maybe_inject
-from lowmem_rlhf.optim import make_optimizer, warmup_cosine
-from lowmem_rlhf.report import counted_components, memory_report
+from lowmem_rlhf.report import memory_report
 from lowmem_rlhf.runs import (MetricsWriter, check_resume_config, is_complete, progress_bar, stage_dir, write_json,
                               write_stage_config)
 from lowmem_rlhf.stopping import StopOnSignal
+from lowmem_rlhf.trainer import make_trainer
 
 
 @dataclass
@@ -119,22 +120,22 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             check_resume_config(out, cfg)
         loaded = load_model(cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged),
                             context=(cfg.max_len, "--max-len"))
-        device, tok = loaded.device, loaded.tokenizer
+        tok = loaded.tokenizer
         train, held = prepare_pairs(cfg, tok)
         engine = SharedBase(loaded, prof, seed=cfg.seed)
         engine.add_adapter("reward", with_head=True)
         engine.model.train()
-        opt = make_optimizer(engine.parameters_of("reward"), prof.optimizer, lr, device=device)
-        sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
+        size = min(prof.micro_batch, cfg.batch, learned_cap(cfg.out, "rm", prof.name) or prof.micro_batch)
+        trainer = make_trainer(engine, "reward", prof, lr, cfg.max_steps, size, math.ceil(cfg.batch / size))
+        device = trainer.device
         est = estimate(loaded.spec, prof, "rm", Shape(seq_len=cfg.max_len, batch=cfg.batch), target=device.type)
         if not cfg.resume:
             write_stage_config(out, "RM", cfg, prof, est, merged=merged, source=loaded.source)
         meter = MemoryMeter(device.type)
-        mb = MicroBatch(min(prof.micro_batch, learned_cap(cfg.out, "rm", prof.name) or prof.micro_batch),
-                        "rm", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})")
+        mb = MicroBatch(size, "rm", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})",
+                        elastic=trainer.elastic)
         sampler = D.EpochSampler(len(train), cfg.seed)
-        parts = dict(models={"reward": (engine.model, engine.owns("reward"))}, optimizers={"reward": opt},
-                     schedulers={"reward": sched}, samplers={"train": sampler})
+        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
         state = {"step": 0, "losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size, "seconds": 0.0}
         ckpt = checkpoint.latest(out) if cfg.resume else None
         if ckpt is not None:
@@ -144,10 +145,6 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         elif held:
             state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)
         metrics = MetricsWriter(out / "metrics.jsonl", keep=("step", state["step"]) if ckpt else None)
-
-        def reset() -> None:  # an OOM mid-step: drop the partial gradients, retry the whole step
-            opt.zero_grad(set_to_none=True)
-            engine.abandon()
 
         # ---- loop -----------------------------------------------------------------------------
         bar = progress_bar(cfg.max_steps, "RM", cfg.progress)
@@ -162,39 +159,35 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
                 for i in range(0, len(rows), size):
                     maybe_inject("rm", step + 1, size)
                     chunk = rows[i: i + size]
-                    rc, rr = pair_scores(engine, [r["chosen_ids"] for r in chunk],
-                                         [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
+                    rc, rr = trainer.forward(pair_scores, engine, [r["chosen_ids"] for r in chunk],
+                                             [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
                     loss = -F.logsigmoid(rc - rr).sum()
-                    engine.backward(loss / len(rows))
+                    trainer.backward(loss / len(rows))
                     total += float(loss.detach())
                     correct += int((rc > rr).sum())
                 return total, correct
 
             with meter.phase("train_step"):
-                step_loss, correct = mb.run(step + 1, accumulate, reset)
-                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("reward"), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                step_loss, correct = mb.run(step + 1, accumulate, trainer.reset)
+                stats = trainer.step()
             losses.append(step_loss / len(rows))
             accs.append(correct / len(rows))
             dt = time.time() - t0
             state.update(step=step + 1, micro_batch=mb.size, seconds=state["seconds"] + dt)
-            metrics.write(step=step + 1, loss=losses[-1], accuracy=accs[-1], lr=sched.get_last_lr()[0],
-                          grad_norm=float(grad_norm), samples=len(rows), micro_batch=mb.size,
+            metrics.write(step=step + 1, loss=losses[-1], accuracy=accs[-1], lr=stats["lr"],
+                          grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
                           oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=dt,
                           **{f"peak_{k}": v for k, v in meter.read().items()})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.2f}")
             checkpoint.at_step_end(out, step + 1, cfg.max_steps, cfg.save_every, stop,
-                                   lambda: checkpoint.capture(loop=state, **parts), "RM")
+                                   parts and (lambda: checkpoint.capture(loop=state, **parts)), "RM")
         bar.close()
         after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save ------------------------------------------------------------------------------
-        engine.save_adapter("reward", out / "adapter",
-                            extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
-        report = memory_report(est, meter.peaks, counted_components(engine.model, opt))
+        trainer.save_adapter(out / "adapter", extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
+        report = memory_report(est, meter.peaks, trainer.counted())
         summary = {
             "stage": "rm", "model": loaded.source, "profile": prof.name, "steps": cfg.max_steps,
             "merged_sft": [str(p) for p in merged], "train_pairs": len(train), "eval_pairs": len(held),

@@ -11,6 +11,7 @@ while every stage here must add named adapters (and heads) to one shared base th
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from lowmem_rlhf.estimator import estimate
 from lowmem_rlhf.loading import load_model
 from lowmem_rlhf.memory import MemoryMeter
 from lowmem_rlhf.oom import MicroBatch, learned_cap, maybe_inject
-from lowmem_rlhf.optim import make_optimizer, warmup_cosine
-from lowmem_rlhf.report import counted_components, memory_report
+from lowmem_rlhf.report import memory_report
 from lowmem_rlhf.runs import (MetricsWriter, check_resume_config, progress_bar, stage_dir, write_json,
                               write_stage_config)
 from lowmem_rlhf.stopping import StopOnSignal
+from lowmem_rlhf.trainer import make_trainer
 
 
 @dataclass
@@ -101,24 +102,23 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         if cfg.resume:
             check_resume_config(out, cfg)
         loaded = load_model(cfg.model, prof, cfg.trust_remote_code, context=(cfg.max_len, "--max-len"))
-        device = loaded.device
         tok = loaded.tokenizer
         train, held = prepare_examples(cfg, tok)
         engine = SharedBase(loaded, prof, seed=cfg.seed)
         engine.add_adapter("sft")
         engine.model.train()
-        opt = make_optimizer(engine.parameters_of("sft"), prof.optimizer, lr, device=device)
-        sched = warmup_cosine(opt, cfg.max_steps, warmup_steps=min(10, cfg.max_steps // 10))
+        size = min(prof.micro_batch, cfg.batch, learned_cap(cfg.out, "sft", prof.name) or prof.micro_batch)
+        trainer = make_trainer(engine, "sft", prof, lr, cfg.max_steps, size, math.ceil(cfg.batch / size))
+        device = trainer.device
         shape = Shape(seq_len=cfg.max_len, batch=cfg.batch)
         est = estimate(loaded.spec, prof, "sft", shape, target=device.type)
         if not cfg.resume:
             write_stage_config(out, "SFT", cfg, prof, est, source=loaded.source)
         meter = MemoryMeter(device.type)
-        mb = MicroBatch(min(prof.micro_batch, learned_cap(cfg.out, "sft", prof.name) or prof.micro_batch),
-                        "sft", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})")
+        mb = MicroBatch(size, "sft", cfg.out, prof.name, knob=f"--max-len (now {cfg.max_len})",
+                        elastic=trainer.elastic)
         sampler = D.EpochSampler(len(train), cfg.seed)
-        parts = dict(models={"sft": (engine.model, engine.owns("sft"))}, optimizers={"sft": opt},
-                     schedulers={"sft": sched}, samplers={"train": sampler})
+        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
         state = {"step": 0, "losses": [], "eval_before": None, "micro_batch": mb.size, "seconds": 0.0}
         ckpt = checkpoint.latest(out) if cfg.resume else None
         if ckpt is not None:
@@ -128,10 +128,6 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         elif held:
             state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
         metrics = MetricsWriter(out / "metrics.jsonl", keep=("step", state["step"]) if ckpt else None)
-
-        def reset() -> None:  # an OOM mid-step: drop the partial gradients, retry the whole step
-            opt.zero_grad(set_to_none=True)
-            engine.abandon()
 
         # ---- loop -----------------------------------------------------------------------------
         bar = progress_bar(cfg.max_steps, "SFT", cfg.progress)
@@ -149,22 +145,19 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                     chunk = rows[i: i + size]
                     batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
                                             [r["labels"] for r in chunk])
-                    loss, _ = completion_loss(engine, {k: v.to(device) for k, v in batch.items()})
-                    engine.backward(loss / max(n_tokens, 1))
+                    loss, _ = trainer.forward(completion_loss, engine, {k: v.to(device) for k, v in batch.items()})
+                    trainer.backward(loss / max(n_tokens, 1))
                     total += float(loss.detach())
                 return total
 
             with meter.phase("train_step"):
-                step_loss = mb.run(step + 1, accumulate, reset)
-                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters_of("sft"), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                step_loss = mb.run(step + 1, accumulate, trainer.reset)
+                stats = trainer.step()
             losses.append(step_loss / max(n_tokens, 1))
             dt = time.time() - t0
             state.update(step=step + 1, micro_batch=mb.size, seconds=state["seconds"] + dt)
             seq_tokens = sum(len(r["input_ids"]) for r in rows)
-            metrics.write(step=step + 1, loss=losses[-1], lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+            metrics.write(step=step + 1, loss=losses[-1], lr=stats["lr"], grad_norm=stats["grad_norm"],
                           samples=len(rows), micro_batch=mb.size,
                           oom_retries=sum(1 for e in mb.events if e["step"] == step + 1),
                           tokens=seq_tokens, seconds=dt, tokens_per_s=seq_tokens / dt,
@@ -172,13 +165,13 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             checkpoint.at_step_end(out, step + 1, cfg.max_steps, cfg.save_every, stop,
-                                   lambda: checkpoint.capture(loop=state, **parts), "SFT")
+                                   parts and (lambda: checkpoint.capture(loop=state, **parts)), "SFT")
         bar.close()
         eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save ------------------------------------------------------------------------------
-        engine.save_adapter("sft", out / "adapter", extra_meta={"stage": "sft"})
-        report = memory_report(est, meter.peaks, counted_components(engine.model, opt))
+        trainer.save_adapter(out / "adapter", extra_meta={"stage": "sft"})
+        report = memory_report(est, meter.peaks, trainer.counted())
         summary = {
             "stage": "sft", "model": loaded.source, "profile": prof.name, "steps": cfg.max_steps,
             "train_examples": len(train), "eval_examples": len(held),

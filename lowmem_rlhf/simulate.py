@@ -379,7 +379,6 @@ class _Rehearsal:
         opt_critic = self.optimizer("critic")
         eng, dev = self.engine, self.device
         B, P, R = shape.rollout_batch, shape.prompt_len, shape.response_len
-        S = P + R
         mb = max(1, min(self.profile.micro_batch, B))
         prompts = self.ids(B, P)
         kv = 0
