@@ -139,13 +139,13 @@ def print_breakdown(estimates: dict, target: str) -> None:
 
 
 def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-              stages, profiles, as_json):
+              stages, profiles, as_json, trust_remote_code: bool = False):
     from lowmem_rlhf.model_spec import load_spec
     from lowmem_rlhf.planner import advice, plan
 
     shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
     hw = _hardware(gpu, vram, ram)
-    spec = load_spec(model)
+    spec = load_spec(model, trust_remote_code)
     p = plan(spec, hw, shape, _profiles(profiles), _stages(stages))
     if as_json:
         print(json.dumps(p.to_dict(), indent=2))
@@ -178,6 +178,7 @@ def plan(
     profiles: Optional[str] = typer.Option(None, "--profiles", help="only these profiles (names or YAML paths, comma-separated)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     simulate: bool = typer.Option(False, "--simulate", help="also rehearse one step of each stage of the chosen profile on meta tensors and print simulated vs analytic peaks"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a local model folder's own Python code (to read its shapes on the meta device)"),
 ):
     """Which profile makes SFT, RM and PPO fit this card, and each stage's estimated peak."""
     if simulate and as_json:  # one JSON document: the plan's own print is replaced by the combined one
@@ -186,10 +187,10 @@ def plan(
 
         with contextlib.redirect_stdout(io.StringIO()):
             p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                          stages, profiles, True)
+                          stages, profiles, True, trust_remote_code)
     else:
         p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                      stages, profiles, as_json)
+                      stages, profiles, as_json, trust_remote_code)
     if simulate:
         from lowmem_rlhf.simulate import simulate as run_simulation
 
@@ -374,7 +375,8 @@ def auto(
     rlen = response_len or (16 if demo else 256)
     plan_model = model or "smollm2-135m"
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
-    p = _run_plan(gpu, vram, ram, plan_model, seq, batch, plen, rlen, rollout_batch, "sft,rm,ppo", profiles, as_json)
+    p = _run_plan(gpu, vram, ram, plan_model, seq, batch, plen, rlen, rollout_batch, "sft,rm,ppo", profiles, as_json,
+                  trust_remote_code)
     if dry_run:
         if not as_json:
             out.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "

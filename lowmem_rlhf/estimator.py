@@ -432,8 +432,8 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
         phases = _ppo_phases(spec, profile, shape, base, head, target, separate_models, notes)
     if profile.offload == "zero3":
         if stage == "ppo":
-            notes.append("PPO is not run under ZeRO-3: adapter switching on one DeepSpeed engine "
-                         "diverges from plain torch (facts-and-pitfalls #4)")
+            notes.append("PPO is not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine "
+                         "the critic never moved (scripts/zero3_ppo_equivalence.py; facts-and-pitfalls #4)")
         phases = [_zero3_split(ph, spec, profile) for ph in phases]
     if target == "cpu":
         notes.append("planned for the CPU: figures are host RAM; paged optimizers are not paged on CPU")

@@ -124,6 +124,26 @@ def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int,
     return Rollout(seqs, mask, response, rmask, prompt_texts or [], texts)
 
 
+def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
+                       top_p: float, chunk: int, prompt_texts: list[str] | None = None) -> Rollout:
+    """`generate` over chunks of `chunk` prompts, joined into one rollout: each chunk's left-padded
+    prompts are padded further on the left to the longest prompt of all (mask 0 there, positions
+    from the mask, so nothing else changes). (B, P + R) like one batched call."""
+    if chunk >= len(prompt_ids):
+        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts)
+    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p)
+             for i in range(0, len(prompt_ids), chunk)]
+    P = max(r.seqs.shape[1] - max_new for r in parts)
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (P + max_new - t.shape[1], 0), value=value)
+
+    return Rollout(torch.cat([left(r.seqs, tok.pad_token_id) for r in parts]),
+                   torch.cat([left(r.mask, 0) for r in parts]),
+                   torch.cat([r.response for r in parts]), torch.cat([r.response_mask for r in parts]),
+                   prompt_texts or [], [t for r in parts for t in r.texts])
+
+
 def response_hidden(engine: SharedBase, seqs: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
     """Hidden states that predict each response token: positions P-1 .. P+R-2, (B, R, H)."""
     hidden = engine.hidden_states(seqs, mask)
@@ -299,6 +319,9 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                         "ppo", cfg.out, prof.name,
                         knob=f"--response-len (now {cfg.response_len}) or --prompt-len (now {cfg.prompt_len})")
         B, R = cfg.rollout_batch, cfg.response_len
+        # generation samples the whole rollout at once; on OOM (a long response's KV cache) in chunks
+        gen_mb = MicroBatch(min(B, learned_cap(cfg.out, "ppo-generation", prof.name) or B), "ppo-generation",
+                            cfg.out, prof.name, knob=f"--response-len (now {cfg.response_len})")
         sampler = D.EpochSampler(len(prompts), cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
@@ -310,6 +333,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         if ckpt is not None:
             state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
             mb.size, kl_ctl.value = state["micro_batch"], state["kl_coef"]
+            gen_mb.size = state.get("generation_batch", gen_mb.size)
             say(f"resuming PPO from {ckpt} (iteration {state['iteration']} of {cfg.iterations})")
         elif held and eval_fn:
             state["eval_before"] = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True)
@@ -317,7 +341,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         rewards_hist, iter_seconds = state["rewards"], state["iter_seconds"]
 
         def make_state() -> dict:
-            state.update(micro_batch=mb.size, kl_coef=kl_ctl.value)
+            state.update(micro_batch=mb.size, generation_batch=gen_mb.size, kl_coef=kl_ctl.value)
             return checkpoint.capture(loop=state, **parts)
 
         def end_of_iteration(it: int) -> None:
@@ -334,8 +358,13 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             # generation
             t0 = time.time()
             with meter.phase("generation"), roles.role("actor") as eng:
-                ro = generate(eng, [prompt_ids[i] for i in pick], tok, R, cfg.temperature, cfg.top_p,
-                              prompt_texts=[prompt_texts[i] for i in pick])
+
+                def sample(size: int, eng=eng) -> Rollout:
+                    maybe_inject("ppo-generation", it + 1, size)
+                    return generate_in_chunks(eng, [prompt_ids[i] for i in pick], tok, R, cfg.temperature,
+                                              cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick])
+
+                ro = gen_mb.run(it + 1, sample, lambda: None)
             times["generation"] = time.time() - t0
             gc.collect()
             if device.type == "cuda":
@@ -454,7 +483,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 "iteration": it + 1, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
                 "kl": mean_kl, "kl_coef": kl_ctl.value, "entropy": float(M.masked_mean(entropy, m)),
                 "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size,
-                "oom_retries": sum(1 for e in mb.events if e["step"] == it + 1),
+                "generation_batch": gen_mb.size,
+                "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
                 **{k: sum(v) / len(v) for k, v in stats.items() if v},
                 **{f"seconds_{k}": v for k, v in times.items()},
                 "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
@@ -497,7 +527,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             "heldout_before": eval_before, "heldout_after": eval_after,
             "base_sha256_before": base_before, "base_sha256_after": base_fingerprint(roles.engines["actor"]),
             "separate_models": cfg.separate_models, "seconds_per_iteration": _mean(iter_seconds),
-            "micro_batch": mb.size, "oom_events": mb.events, "seconds": state["seconds"], "memory": report,
+            "micro_batch": mb.size, "generation_batch": gen_mb.size, "oom_events": gen_mb.events + mb.events, "seconds": state["seconds"], "memory": report,
         }
         metrics.close()
         write_json(out / "summary.json", summary)

@@ -77,3 +77,5 @@ def test_remote_code_runs_only_with_the_flag(tiny_glm, capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "--trust-remote-code" in capsys.readouterr().err
+    main(["plan", "--model", str(tiny_glm), "--trust-remote-code"])
+    assert "chosen:" in capsys.readouterr().out

@@ -199,14 +199,16 @@ def test_oom_at_micro_batch_one_names_the_knob_and_leaves_nothing_finished(byte_
 def test_ppo_oom_in_an_update_is_retried_at_half_the_micro_batch(byte_llama, tmp_path, monkeypatch):
     from lowmem_rlhf.ppo import PPOConfig, run_ppo
 
-    monkeypatch.setenv(FAULT_ENV, "ppo:2:2")
+    monkeypatch.setenv(FAULT_ENV, "ppo:2:2,ppo-generation:3:1")  # an update, then a long-response rollout
     prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, grad_ckpt=False)
     s = run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=prof,
                           reward=f"{REWARDS}:ascii_share", iterations=3, rollout_batch=4, prompt_len=32,
                           response_len=4, ppo_epochs=1, progress=False))
     rows = _metrics(tmp_path, "ppo")
     assert [r["micro_batch"] for r in rows] == [4, 2, 2] and [r["samples"] for r in rows] == [4, 4, 4]
-    assert rows[1]["oom_retries"] == 1 and s["skipped_iterations"] == 0
+    assert [r["generation_batch"] for r in rows] == [4, 4, 1]  # sampled in chunks, joined into one rollout
+    assert [r["oom_retries"] for r in rows] == [0, 1, 2] and s["skipped_iterations"] == 0
+    assert all(r["response_length"] > 0 for r in rows)
 
 
 def test_auto_resume_keeps_finished_stages_and_continues_the_one_in_progress(byte_llama, tmp_path):
