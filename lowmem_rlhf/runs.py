@@ -85,8 +85,9 @@ def stage_dir(run_dir: Path, stage: str, overwrite: bool = False, resume: bool =
 
 
 def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resume", "overwrite", "progress",
-                                                                           "save_every")) -> None:
-    """--resume must continue the same run: every setting except `volatile` equals the saved one."""
+                                                                           "save_every", "out")) -> None:
+    """--resume must continue the same run: every setting except `volatile` equals the saved one
+    (paths compared as the files they name, so `run/sft` and `./run/sft` are the same)."""
     from dataclasses import asdict
 
     saved_path = Path(out) / "config.json"
@@ -94,10 +95,16 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
         return
     saved = json.loads(saved_path.read_text())
     now = json.loads(json.dumps(asdict(cfg), default=_jsonable))
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, str) and isinstance(b, str) and a != b and Path(a).exists() and Path(b).exists():
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
     for key, value in now.items():
         if key in volatile or key not in saved:
             continue
-        if saved[key] != value:
+        if not same(saved[key], value):
             was = saved[key]
             if isinstance(value, dict) and isinstance(was, dict):  # the profile: name the field
                 key, was, value = next((f"{key}.{k}", was.get(k), v) for k, v in value.items() if was.get(k) != v)

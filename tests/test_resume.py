@@ -55,9 +55,9 @@ def _args(stage: str, model: Path, run: Path) -> list[str]:
             "--rollout-batch", "4", "--prompt-len", "32", "--response-len", "4", "--ppo-epochs", "2", *common]
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
+def _cli(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lowmem_rlhf", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 def _finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -143,7 +143,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches(byte_llama,
     ckpt = checkpoint.latest(partial_dir(run, "rm"))
     assert ckpt is not None and checkpoint.step_of(ckpt) >= 5
     assert _logged(run, "rm") == checkpoint.step_of(ckpt)  # the step in flight finished, then it stopped
-    code, log = _finish(_cli(_args("rm", byte_llama, run) + ["--save-every", "0", "--resume"]))
+    # resumed from another directory with a relative --out: the same run folder
+    code, log = _finish(_cli(_args("rm", byte_llama, Path("run")) + ["--save-every", "0", "--resume"], cwd=tmp_path))
     assert code == 0, log[-3000:]
     ref, got = _adapters(reference["rm"], "rm"), _adapters(run, "rm")
     assert all(torch.equal(ref[n], got[n]) for n in ref)
