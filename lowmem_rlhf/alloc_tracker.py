@@ -29,6 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lowmem_rlhf.counting import quant_state_tensors
+
 # (func, args, kwargs) -> extra bytes alive while the op runs (freed when it returns), or 0
 TransientRule = Callable[[object, tuple, dict], int]
 
@@ -126,7 +128,7 @@ class AllocTracker(TorchDispatchMode):
         for name, p in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers()):
             t = tag(name) if callable(tag) else tag
             total += self.register(p, t)
-            total += self.register(list(_quant_state_tensors(getattr(p, "quant_state", None))), t)
+            total += self.register(list(quant_state_tensors(getattr(p, "quant_state", None))), t)
         return total
 
     def retag(self, tensor: torch.Tensor, tag: str) -> None:
@@ -217,19 +219,6 @@ class AllocTracker(TorchDispatchMode):
                         self._check_peak(extra + n)
                     self._add(t.untyped_storage())
         return out
-
-
-def _quant_state_tensors(qs) -> Iterator[torch.Tensor]:
-    """Tensors inside a bitsandbytes QuantState (absmax, code, offset, nested state)."""
-    if qs is None:
-        return
-    for name in ("absmax", "code", "offset"):
-        t = getattr(qs, name, None)
-        if isinstance(t, torch.Tensor):
-            yield t
-    nested = getattr(qs, "state2", None)
-    if nested is not None:
-        yield from _quant_state_tensors(nested)
 
 
 def cpu_allocator_peak(fn: Callable[[], object]) -> tuple[int, object]:

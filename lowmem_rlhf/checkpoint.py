@@ -88,6 +88,15 @@ def restore(state: dict[str, Any], models: dict, optimizers: dict, schedulers: d
     return dict(state["loop"])
 
 
+def resume(stage_dir: Path, enabled: bool, state: dict, parts: dict) -> Path | None:
+    """With --resume: restore the newest checkpoint into `parts` (see `restore`) and the loop
+    `state`; returns that checkpoint, or None for a fresh start."""
+    ckpt = latest(stage_dir) if enabled else None
+    if ckpt is not None:
+        state.update(restore(load(ckpt), **parts))
+    return ckpt
+
+
 def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, make_state, what: str) -> None:
     """Called after each completed step: a periodic checkpoint every `save_every` steps, and on a
     pending SIGINT/SIGTERM a checkpoint followed by `Interrupted`."""
@@ -165,5 +174,5 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["capture", "restore", "at_step_end", "save", "latest", "load", "step_of", "rng_state", "set_rng_state", "adapter_tensors",
+__all__ = ["capture", "restore", "resume", "at_step_end", "save", "latest", "load", "step_of", "rng_state", "set_rng_state", "adapter_tensors",
            "load_adapter_tensors", "CKPT_DIR"]

@@ -22,7 +22,7 @@ def tensor_storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def _quant_state_tensors(qs) -> Iterator[torch.Tensor]:
+def quant_state_tensors(qs) -> Iterator[torch.Tensor]:
     """Tensors inside a bitsandbytes QuantState (absmax, code, nested state, offset)."""
     if qs is None:
         return
@@ -32,7 +32,7 @@ def _quant_state_tensors(qs) -> Iterator[torch.Tensor]:
             yield t
     nested = getattr(qs, "state2", None)
     if nested is not None:
-        yield from _quant_state_tensors(nested)
+        yield from quant_state_tensors(nested)
 
 
 def weight_storage_bytes(model: torch.nn.Module, is_adapter=None) -> dict[str, int]:
@@ -52,7 +52,7 @@ def weight_storage_bytes(model: torch.nn.Module, is_adapter=None) -> dict[str, i
         adapter = is_adapter(name) if is_adapter is not None else p.requires_grad
         part = "trainable" if adapter else "weights"
         out[part] += tensor_storage_bytes(p)
-        for t in _quant_state_tensors(getattr(p, "quant_state", None)):
+        for t in quant_state_tensors(getattr(p, "quant_state", None)):
             k = _storage_key(t)
             if k not in seen:
                 seen.add(k)

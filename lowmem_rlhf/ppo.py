@@ -329,9 +329,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                      samplers={"prompts": sampler, "minibatch_order": gen})
         state = {"iteration": 0, "rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
                  "micro_batch": mb.size, "seconds": 0.0, "kl_coef": kl_ctl.value}
-        ckpt = checkpoint.latest(out) if cfg.resume else None
+        ckpt = checkpoint.resume(out, cfg.resume, state, parts)
         if ckpt is not None:
-            state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
             mb.size, kl_ctl.value = state["micro_batch"], state["kl_coef"]
             gen_mb.size = state.get("generation_batch", gen_mb.size)
             say(f"resuming PPO from {ckpt} (iteration {state['iteration']} of {cfg.iterations})")

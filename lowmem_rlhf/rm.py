@@ -137,9 +137,8 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         sampler = D.EpochSampler(len(train), cfg.seed)
         parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
         state = {"step": 0, "losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size, "seconds": 0.0}
-        ckpt = checkpoint.latest(out) if cfg.resume else None
+        ckpt = checkpoint.resume(out, cfg.resume, state, parts)
         if ckpt is not None:
-            state.update(checkpoint.restore(checkpoint.load(ckpt), **parts))
             mb.size = state["micro_batch"]
             say(f"resuming RM from {ckpt} (step {state['step']} of {cfg.max_steps})")
         elif held:
