@@ -424,56 +424,29 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 adv = M.whiten(adv, m)
             times["scoring"] = time.time() - t0
             # PPO epochs: actor then critic on each minibatch, one backward per adapter while active
+
+            def actor_loss(eng: SharedBase, idx: list[int]):
+                lp = logprobs_of(eng, response_hidden(eng, ro.seqs[idx], ro.mask[idx], P), ro.response[idx])
+                pl = M.policy_loss(lp, old_lp[idx], adv[idx], m[idx], cfg.clip)
+                return pl.loss, {"policy_loss": pl.loss.detach(), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl}
+
+            def critic_loss(eng: SharedBase, idx: list[int]):
+                v = eng.scalar(response_hidden(eng, ro.seqs[idx], ro.mask[idx], P))
+                vl, vf = M.value_loss(v, values[idx], returns[idx], m[idx], cfg.vf_clip)
+                return vl, {"value_loss": vl.detach(), "vf_clip_frac": vf}
+
             stats = {"policy_loss": [], "clip_frac": [], "approx_kl": [], "value_loss": [], "vf_clip_frac": []}
             times["actor_update"] = times["critic_update"] = 0.0
             n_mb = max(1, min(cfg.minibatches, B))
             for _epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, generator=gen).tolist()
                 for chunk in [perm[i::n_mb] for i in range(n_mb)]:
-                    t0 = time.time()
-                    with meter.phase("actor_update"), roles.role("actor") as eng:
-
-                        def actor_grads(size: int, eng=eng, chunk=chunk) -> dict:
-                            st = {"policy_loss": [], "clip_frac": [], "approx_kl": []}
-                            for s in range(0, len(chunk), size):
-                                maybe_inject("ppo", it + 1, size)
-                                idx = chunk[s: s + size]
-                                h = response_hidden(eng, ro.seqs[idx], ro.mask[idx], P)
-                                lp = logprobs_of(eng, h, ro.response[idx])
-                                pl = M.policy_loss(lp, old_lp[idx], adv[idx], m[idx], cfg.clip)
-                                eng.backward(pl.loss * len(idx) / len(chunk))
-                                st["policy_loss"].append(float(pl.loss.detach()))
-                                st["clip_frac"].append(float(pl.clip_frac))
-                                st["approx_kl"].append(float(pl.approx_kl))
-                            return st
-
-                        for k, v in mb.run(it + 1, actor_grads, _reset(opt_actor, eng)).items():
-                            stats[k] += v
-                        torch.nn.utils.clip_grad_norm_(eng.parameters_of("actor"), 1.0)
-                        opt_actor.step()
-                        opt_actor.zero_grad(set_to_none=True)
-                    times["actor_update"] += time.time() - t0
-                    t0 = time.time()
-                    with meter.phase("critic_update"), roles.role("critic") as eng:
-
-                        def critic_grads(size: int, eng=eng, chunk=chunk) -> dict:
-                            st = {"value_loss": [], "vf_clip_frac": []}
-                            for s in range(0, len(chunk), size):
-                                maybe_inject("ppo", it + 1, size)
-                                idx = chunk[s: s + size]
-                                v = eng.scalar(response_hidden(eng, ro.seqs[idx], ro.mask[idx], P))
-                                vl, vf = M.value_loss(v, values[idx], returns[idx], m[idx], cfg.vf_clip)
-                                eng.backward(vl * len(idx) / len(chunk))
-                                st["value_loss"].append(float(vl.detach()))
-                                st["vf_clip_frac"].append(float(vf))
-                            return st
-
-                        for k, v in mb.run(it + 1, critic_grads, _reset(opt_critic, eng)).items():
-                            stats[k] += v
-                        torch.nn.utils.clip_grad_norm_(eng.parameters_of("critic"), 1.0)
-                        opt_critic.step()
-                        opt_critic.zero_grad(set_to_none=True)
-                    times["critic_update"] += time.time() - t0
+                    for role, opt, loss_of in (("actor", opt_actor, actor_loss), ("critic", opt_critic, critic_loss)):
+                        t0 = time.time()
+                        with meter.phase(f"{role}_update"), roles.role(role) as eng:
+                            for k, v in update_adapter(eng, role, opt, chunk, mb, it + 1, loss_of).items():
+                                stats[k] += v
+                        times[f"{role}_update"] += time.time() - t0
             mean_kl = float(M.masked_mean(kl, m) * m.sum() / B)  # per-sequence KL
             kl_ctl.update(mean_kl, B)
             rewards_hist.append(float(scores.mean()))
@@ -539,12 +512,30 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
     return summary
 
 
-def _reset(opt: torch.optim.Optimizer, engine: SharedBase):
-    """What an OOM mid-update undoes before the retry: the partial gradients and the pending forward."""
-    def reset() -> None:
+def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, chunk: list[int], mb: MicroBatch,
+                   iteration: int, loss_of) -> dict[str, list[float]]:
+    """One optimizer step of the active adapter on the rollout rows `chunk`, accumulated over
+    micro-batches (halved and retried on OOM). loss_of(eng, idx) -> (mean loss over idx, stats)."""
+    def grads(size: int) -> dict[str, list[float]]:
+        st: dict[str, list[float]] = {}
+        for s in range(0, len(chunk), size):
+            maybe_inject("ppo", iteration, size)
+            idx = chunk[s: s + size]
+            loss, extra = loss_of(eng, idx)
+            eng.backward(loss * len(idx) / len(chunk))
+            for k, v in extra.items():
+                st.setdefault(k, []).append(float(v))
+        return st
+
+    def reset() -> None:  # what an OOM mid-update undoes: the partial gradients and the pending forward
         opt.zero_grad(set_to_none=True)
-        engine.abandon()
-    return reset
+        eng.abandon()
+
+    st = mb.run(iteration, grads, reset)
+    torch.nn.utils.clip_grad_norm_(eng.parameters_of(adapter), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return st
 
 
 def _mean(xs: list[float]) -> float | None:
