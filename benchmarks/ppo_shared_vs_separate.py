@@ -3,7 +3,7 @@ memory, in one run.
 
     python benchmarks/ppo_shared_vs_separate.py [--model smollm2-135m] [--iterations 4] [--profile lora-bf16-shared]
 
-Both variants run the real PPO stage (lowmem_rlhf/ppo.py, `separate_models` switches the layout)
+Both variants run the real PPO stage (lowmem_rlhf/stages/ppo.py, `separate_models` switches the layout)
 from the same reward model, each in its own process so each peak is its own: CPU peak RSS (VmHWM)
 here, `torch.cuda.max_memory_allocated` on a GPU. Results go to benchmarks/results/.
 """
@@ -23,9 +23,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def child(args) -> None:
-    from lowmem_rlhf.config import load_profile, replace
+    from dataclasses import replace
+
+    from lowmem_rlhf.config import load_profile
     from lowmem_rlhf.data import bundled_path
-    from lowmem_rlhf.ppo import PPOConfig, run_ppo
+    from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
 
     prof = replace(load_profile(args.profile), grad_ckpt=False, micro_batch=8)
     s = run_ppo(PPOConfig(model=args.model_path, prompts=str(bundled_path("demo-prompts.jsonl")), out=Path(args.out),
@@ -50,10 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    from lowmem_rlhf.config import load_profile, replace
+    from dataclasses import replace
+
+    from lowmem_rlhf.config import load_profile
     from lowmem_rlhf.data import bundled_path
-    from lowmem_rlhf.embedded import resolve_model_path
-    from lowmem_rlhf.rm import RMConfig, run_rm
+    from lowmem_rlhf.model.embedded import resolve_model_path
+    from lowmem_rlhf.stages.rm import RMConfig, run_rm
 
     model = resolve_model_path(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))

@@ -7,8 +7,10 @@ scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowmem_rlhf import __version__
+from lowmem_rlhf.config import AutoConfig, PPOConfig, RMConfig, SFTConfig
 from lowmem_rlhf.errors import UserError
 
 app = typer.Typer(
@@ -27,23 +30,44 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+console = Console()
 err = Console(stderr=True)
 
 GPU_HELP = ("GPU preset to plan for (e.g. 3090, 4090, 3060-12gb, t4, a100-80gb); default: the GPU "
             "detected here, or the CPU when there is none")
-OUT_HELP = "run folder; the stage writes RUN/<stage>/ only when it completes"
-PROFILE_HELP = "profile name or YAML path (default: the planner's pick for this machine)"
 MODEL_HELP = ("model preset (llama-2-7b, llama-2-13b, llama-3-8b, mistral-7b, qwen2.5-7b, chatglm3-6b, "
               "gpt2, opt-1.3b, smollm2-135m), a local folder with config.json, or a hub id")
 
+
+def option(cls, name: str, *aliases: str, required: bool = False, **kw):
+    """The typer option of a config field: its flag, default and help as the dataclass declares
+    them (`config.knob`), so each knob is declared once."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+    default = ... if required else f.default
+    return typer.Option(default, flag, *aliases, help=f.metadata.get("help", ""), **kw)
+
+
+def _config(cls, values: dict, profile):
+    """A stage config from a command's arguments: every parameter named like one of its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names and k != "profile"}, profile=profile)
+
+
+def _choice(cls, **values: str) -> None:
+    """One-line errors for a value outside a Literal field's choices."""
+    hints = typing.get_type_hints(cls)
+    for name, v in values.items():
+        allowed = typing.get_args(hints[name])
+        if v not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {v!r}")
 
 def _gib(b: int) -> str:
     return f"{b / 1024**3:.2f}"
 
 
 def _hardware(gpu, vram, ram):
-    from lowmem_rlhf.hardware import resolve_hardware
+    from lowmem_rlhf.plan.hardware import resolve_hardware
 
     return resolve_hardware(gpu=gpu, vram_gib=vram, ram_gib=ram)
 
@@ -72,13 +96,13 @@ def _stages(text: str) -> tuple[str, ...]:
 
 def print_plan(p) -> None:
     """Candidates table, the chosen profile and its per-stage breakdown."""
-    from lowmem_rlhf.model_spec import param_count_str
+    from lowmem_rlhf.plan.model_spec import param_count_str
 
     budget, what = p.budget()
     s = p.shape
-    out.print(f"[bold]Plan[/bold] for {p.spec.name} ({param_count_str(p.spec.total_params)} params) on "
+    console.print(f"[bold]Plan[/bold] for {p.spec.name} ({param_count_str(p.spec.total_params)} params) on "
               f"{p.hardware.describe()}")
-    out.print(f"budget: {_gib(budget)} GiB of {what}; SFT/RM seq {s.seq_len}, batch {s.batch}; "
+    console.print(f"budget: {_gib(budget)} GiB of {what}; SFT/RM seq {s.seq_len}, batch {s.batch}; "
               f"PPO prompt {s.prompt_len} + response {s.response_len}, rollout batch {s.rollout_batch}")
     fig = "device" if p.target == "cuda" else "cpu_ram"
     t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
@@ -90,7 +114,7 @@ def print_plan(p) -> None:
         t.add_column("CPU RAM", justify="right")
     t.add_column("verdict")
     for c in p.candidates:
-        row = [c.profile.name, (f"{c.profile.micro_batch} x {c.profile.grad_accum}, "
+        row = [c.profile.name, (f"{c.profile.micro_batch} x {c.grad_accum}, "
                                 f"{'on' if c.profile.grad_ckpt else 'off'}") if c.estimates else "-"]
         for st in p.stages:
             e = c.estimates.get(st)
@@ -99,16 +123,16 @@ def print_plan(p) -> None:
             row.append(_gib(max(e.cpu_ram for e in c.estimates.values())) if c.estimates else "-")
         row.append(("[green]fits[/green] " if c.fits else "[red]no[/red]: ") + (c.reason if not c.fits else ""))
         t.add_row(*row)
-    out.print(t)
+    console.print(t)
     chosen = p.chosen
     if chosen is None:
         return
-    out.print(f"[bold green]chosen: {chosen.profile.name}[/bold green] ({chosen.profile.description}); "
-              f"micro-batch {chosen.profile.micro_batch} x {chosen.profile.grad_accum} accumulation. "
+    console.print(f"[bold green]chosen: {chosen.profile.name}[/bold green] ({chosen.profile.description}); "
+              f"micro-batch {chosen.profile.micro_batch} x {chosen.grad_accum} accumulation. "
               f"{chosen.reason}.")
     rejected = [c for c in p.candidates if not c.fits]
     if rejected:
-        out.print("higher-ranked profiles rejected: " + "; ".join(
+        console.print("higher-ranked profiles rejected: " + "; ".join(
             f"{c.profile.name} ({c.reason}, short {_gib(c.short_bytes)} GiB)" if c.short_bytes else
             f"{c.profile.name} ({c.reason})" for c in rejected))
     print_breakdown(chosen.estimates, p.target)
@@ -132,16 +156,16 @@ def print_breakdown(estimates: dict, target: str) -> None:
     rows.append(("CPU RAM", "cpu_ram"))
     for label, attr in rows:
         t.add_row(label, *[_gib(getattr(e, attr)) for e in estimates.values()])
-    out.print(t)
+    console.print(t)
     for st, e in estimates.items():
         for note in e.notes:
-            out.print(f"note ({st}): {note}")
+            console.print(f"note ({st}): {note}")
 
 
 def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
               stages, profiles, as_json, trust_remote_code: bool = False):
-    from lowmem_rlhf.model_spec import load_spec
-    from lowmem_rlhf.planner import advice, plan
+    from lowmem_rlhf.plan.model_spec import load_spec
+    from lowmem_rlhf.plan.planner import no_fit, plan
 
     shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
     hw = _hardware(gpu, vram, ram)
@@ -152,15 +176,8 @@ def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, r
     else:
         print_plan(p)
     if p.chosen is None:
-        budget, what = p.budget()
-        raise NoFit(f"no profile fits {spec.name} ({', '.join(p.stages)}) in {_gib(budget)} GiB of {what}: {advice(p)}")
+        raise no_fit(p)
     return p
-
-
-class NoFit(UserError):
-    """Nothing fits: exit 1 (the input was valid, the hardware is too small)."""
-
-    exit_code = 1
 
 
 @app.command()
@@ -192,7 +209,7 @@ def plan(
         p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
                       stages, profiles, as_json, trust_remote_code)
     if simulate:
-        from lowmem_rlhf.simulate import simulate as run_simulation
+        from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
         sims = [run_simulation(model, p.chosen.profile, st, p.shape) for st in p.stages]
         if as_json:
@@ -205,7 +222,7 @@ def plan(
 
 def print_simulation(sims: list) -> None:
     """Simulated (meta-device rehearsal) vs analytic allocated peak per phase, tags at the peak."""
-    from lowmem_rlhf.simulate import NOT_MODELLED
+    from lowmem_rlhf.measure.simulate import NOT_MODELLED
 
     for sim in sims:
         t = Table(title=f"{sim.stage.upper()} {sim.model} ({sim.profile.name}, quant={sim.profile.quant}, "
@@ -222,12 +239,12 @@ def print_simulation(sims: list) -> None:
             t.add_row(ph.name, _gib(ph.peak), _gib(ph.analytic), f"{ph.drift:+.1%}", _gib(ph.device),
                       ", ".join(f"{k} {_gib(v)}" for k, v in ph.by_tag.items() if v >= 2**20),
                       ", ".join(f"{k} {_gib(v)}" for k, v in ph.analytic_components.items() if v >= 2**20))
-        out.print(t)
+        console.print(t)
         if sim.kv_cache:
-            out.print(f"simulated KV cache at full length: {_gib(sim.kv_cache)} GiB")
+            console.print(f"simulated KV cache at full length: {_gib(sim.kv_cache)} GiB")
         for note in sim.notes:
-            out.print(f"note: {note}")
-    out.print("not modelled by the simulation (the device column adds the estimator's figures): "
+            console.print(f"note: {note}")
+    console.print("not modelled by the simulation (the device column adds the estimator's figures): "
               + "; ".join(f"{k}: {v}" for k, v in NOT_MODELLED.items()))
 
 
@@ -243,7 +260,7 @@ def estimate(
     lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="comma-separated linear names, or all-linear"),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout (its masks cost memory)"),
     seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length in tokens"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="micro-batch (sequences per forward)"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="micro-batch: sequences per forward (the effective batch does not change a step's peak)"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, adamw_8bit, paged_adamw_32bit, paged_adamw_8bit"),
     offload: Optional[str] = typer.Option(None, "--offload", help="none or zero3 (DeepSpeed param+optimizer offload)"),
@@ -258,14 +275,14 @@ def estimate(
 ):
     """Peak memory of one stage for explicit knobs, by component and phase."""
     from lowmem_rlhf.config import Profile, dataclass_from_dict, load_profile
-    from lowmem_rlhf.estimator import estimate as run_estimate
-    from lowmem_rlhf.model_spec import load_spec
+    from lowmem_rlhf.plan.estimator import estimate as run_estimate
+    from lowmem_rlhf.plan.model_spec import load_spec
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"--target must be cuda or cpu, got {target!r}")
     base = load_profile(profile).to_dict()
     overrides = {"quant": quant, "double_quant": double_quant, "dtype": dtype, "lora_r": lora_r,
-                 "lora_dropout": lora_dropout, "micro_batch": batch, "grad_ckpt": grad_ckpt,
+                 "lora_dropout": lora_dropout, "micro_batch": micro_batch, "grad_ckpt": grad_ckpt,
                  "optimizer": optimizer, "offload": offload, "kbit_fp32_upcast": kbit_upcast}
     if lora_targets is not None:
         overrides["lora_targets"] = "all-linear" if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",") if t.strip()]
@@ -286,7 +303,7 @@ def estimate(
     spec = load_spec(model)
     est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models)
     if simulate:
-        from lowmem_rlhf.simulate import simulate as run_simulation
+        from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
         if target != "cuda" or separate_models:
             raise UserError("--simulate rehearses the CUDA layout of one shared base; drop --target cpu / --separate-models")
@@ -303,7 +320,7 @@ def estimate(
         d["profile_settings"] = prof.to_dict()
         print(json.dumps(d, indent=2))
         return
-    out.print(f"[bold]{stage.upper()}[/bold] {spec.name}: quant={prof.quant}"
+    console.print(f"[bold]{stage.upper()}[/bold] {spec.name}: quant={prof.quant}"
               f"{'+dq' if prof.double_quant and prof.quant in ('nf4', 'fp4') else ''} dtype={prof.dtype} "
               f"lora_r={prof.lora_r} ckpt={prof.grad_ckpt} optimizer={prof.optimizer} offload={prof.offload} "
               f"micro-batch={prof.micro_batch}")
@@ -321,12 +338,12 @@ def estimate(
         if attr == "device" and target != "cuda":
             continue
         t.add_row(label, *[_gib(getattr(ph, attr)) for ph in est.phases])
-    out.print(t)
-    out.print(f"peak: {est.peak.name}: allocated {_gib(est.allocated)} GiB, reserved {_gib(est.reserved)} GiB"
+    console.print(t)
+    console.print(f"peak: {est.peak.name}: allocated {_gib(est.allocated)} GiB, reserved {_gib(est.reserved)} GiB"
               + (f", device {_gib(est.device)} GiB" if target == "cuda" else "")
               + f", CPU RAM {_gib(est.cpu_ram)} GiB")
     for note in est.notes:
-        out.print(f"note: {note}")
+        console.print(f"note: {note}")
 
 
 @app.command()
@@ -334,72 +351,64 @@ def auto(
     gpu: Optional[str] = typer.Option(None, "--gpu", help=GPU_HELP),
     vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory in GiB"),
     ram: Optional[float] = typer.Option(None, "--ram", help="CPU RAM in GiB"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (default: the embedded SmolLM2-135M-Instruct)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: runs/auto-<time>)"),
-    reward: Optional[str] = typer.Option(None, "--reward", help="programmatic reward module:function (skips the RM stage)"),
-    reward_cmd: Optional[str] = typer.Option(None, "--reward-cmd", help="external evaluator command (JSON lines in, one score per line out; skips RM)"),
-    data: Optional[str] = typer.Option(None, "--data", help="SFT data (default: bundled self-instruct seed tasks)"),
-    pairs: Optional[str] = typer.Option(None, "--pairs", help="preference pairs for the RM (default: bundled demo pairs)"),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="PPO prompts (default: bundled demo prompts)"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="SFT/RM sequence length (default: 512 for planning a named model, 128 for the demo)"),
-    batch: int = typer.Option(16, "--batch", help="effective batch used for planning"),
-    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="PPO prompt length (default 256 planning / 64 demo)"),
-    response_len: Optional[int] = typer.Option(None, "--response-len", help="PPO generated tokens (default 256 planning / 16 demo)"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
-    sft_steps: int = typer.Option(16, "--sft-steps", help="SFT optimizer steps"),
-    rm_steps: int = typer.Option(30, "--rm-steps", help="RM optimizer steps"),
-    ppo_iterations: int = typer.Option(20, "--ppo-iterations", help="PPO iterations"),
-    ppo_lr: Optional[float] = typer.Option(None, "--ppo-lr", help="PPO actor learning rate (default: 2e-4 for the demo, else the profile's)"),
-    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = option(AutoConfig, "model", "-m"),
+    out: Optional[Path] = option(AutoConfig, "out", "-o"),
+    reward: Optional[str] = option(AutoConfig, "reward"),
+    reward_cmd: Optional[str] = option(AutoConfig, "reward_cmd"),
+    sft_data: str = option(AutoConfig, "sft_data"),
+    pairs: str = option(AutoConfig, "pairs"),
+    prompts: str = option(AutoConfig, "prompts"),
+    seq_len: Optional[int] = option(AutoConfig, "seq_len"),
+    sft_batch: int = option(AutoConfig, "sft_batch"),
+    rm_batch: int = option(AutoConfig, "rm_batch"),
+    prompt_len: Optional[int] = option(AutoConfig, "prompt_len"),
+    response_len: Optional[int] = option(AutoConfig, "response_len"),
+    rollout_batch: int = option(AutoConfig, "rollout_batch"),
+    sft_steps: int = option(AutoConfig, "sft_steps"),
+    rm_steps: int = option(AutoConfig, "rm_steps"),
+    ppo_iterations: int = option(AutoConfig, "ppo_iterations"),
+    ppo_epochs: int = option(AutoConfig, "ppo_epochs"),
+    ppo_lr: Optional[float] = option(AutoConfig, "ppo_lr"),
+    seed: int = option(AutoConfig, "seed"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+    trust_remote_code: bool = option(AutoConfig, "trust_remote_code"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the auto run in this folder with its saved settings: finished stages are kept, the stage in progress continues from its newest checkpoint"),
 ):
-    """Detect (or take) the hardware, plan, and run SFT -> RM -> PPO with the chosen profile."""
+    """Detect (or take) the hardware, plan for the shapes it will run, and run SFT -> RM -> PPO
+    with the chosen profile."""
     import time as _time
 
-    from lowmem_rlhf.auto import AutoConfig, load_auto_config, run_auto
     from lowmem_rlhf.config import load_all_profiles
-    from lowmem_rlhf.planner import runnable_profiles
+    from lowmem_rlhf.plan.planner import runnable_profiles
+    from lowmem_rlhf.stages.auto import load_auto_config, run_auto
 
     if resume is not None:
         cfg = load_auto_config(resume)
         cfg.out = resume
-        out.print(f"resuming {resume} with its saved settings (profile {cfg.profile.name})")
-        _print_auto_summary(run_auto(cfg, None, out, resume=True), resume)
+        console.print(f"resuming {resume} with its saved settings (profile {cfg.profile.name})")
+        _print_auto_summary(run_auto(cfg, None, console, resume=True), resume)
         return
-    demo = model is None
-    seq = seq_len or (128 if demo else 512)
-    plen = prompt_len or (64 if demo else 256)
-    rlen = response_len or (16 if demo else 256)
-    plan_model = model or "smollm2-135m"
+    _positive(sft_steps=sft_steps, rm_steps=rm_steps, ppo_iterations=ppo_iterations, ppo_epochs=ppo_epochs,
+              sft_batch=sft_batch, rm_batch=rm_batch)
+    cfg = _config(AutoConfig, locals(), None).resolve()
+    s = cfg.shape()
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
-    p = _run_plan(gpu, vram, ram, plan_model, seq, batch, plen, rlen, rollout_batch, "sft,rm,ppo", profiles, as_json,
-                  trust_remote_code)
+    p = _run_plan(gpu, vram, ram, model or "smollm2-135m", s.seq_len, s.batch, s.prompt_len, s.response_len,
+                  s.rollout_batch, "sft,rm,ppo", profiles, as_json, trust_remote_code)
     if dry_run:
         if not as_json:
-            out.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
-                      f"{p.chosen.profile.name}; nothing was loaded.")
+            console.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
+                          f"{p.chosen.profile.name}; nothing was loaded.")
         return
     if gpu and p.hardware.gpu is not None and p.hardware.gpu.source != "detected":
         import torch
 
         if not torch.cuda.is_available():
-            out.print(f"note: planned for {p.hardware.gpu.name}, but no GPU is here; running on the CPU")
-    run = out_dir or Path("runs") / _time.strftime("auto-%Y%m%d-%H%M%S")
-    cfg = AutoConfig(model=model, out=run, profile=p.chosen.profile, reward=reward, reward_cmd=reward_cmd,
-                     sft_steps=sft_steps, sft_len=seq, rm_steps=rm_steps, rm_len=min(seq, 128 if demo else seq),
-                     ppo_iterations=ppo_iterations, ppo_lr=ppo_lr if ppo_lr is not None else (2e-4 if demo else None),
-                     prompt_len=plen, response_len=rlen, rollout_batch=rollout_batch,
-                     seed=seed, trust_remote_code=trust_remote_code)
-    if data:
-        cfg.sft_data = data
-    if pairs:
-        cfg.pairs = pairs
-    if prompts:
-        cfg.prompts = prompts
-    _print_auto_summary(run_auto(cfg, p.to_dict(), out), run)
+            console.print(f"note: planned for {p.hardware.gpu.name}, but no GPU is here; running on the CPU")
+    cfg.profile = p.chosen.profile
+    cfg.out = cfg.out or Path("runs") / _time.strftime("auto-%Y%m%d-%H%M%S")
+    _print_auto_summary(run_auto(cfg, p.to_dict(), console), cfg.out)
 
 
 def _print_auto_summary(summary: dict, run: Path) -> None:
@@ -415,61 +424,53 @@ def _print_auto_summary(summary: dict, run: Path) -> None:
     t.add_row("PPO reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
     t.add_row("plot", summary["plot"])
     t.add_row("wall time", f"{summary['wall_seconds'] / 60:.1f} min")
-    out.print(t)
+    console.print(t)
 
 
 @app.command()
 def ppo(
-    prompts: str = typer.Option(..., "--prompts", "-p", help="prompts file: prompt / instruction / messages / hh-rlhf rows"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (the one SFT/RM used)"),
-    sft: Optional[Path] = typer.Option(None, "--sft", help="finished SFT stage (RUN/sft): merged into the base = the reference"),
-    reward_model: Optional[Path] = typer.Option(None, "--reward-model", help="finished RM stage (RUN/rm): reward, and the critic's start"),
-    reward: Optional[str] = typer.Option(None, "--reward", help="programmatic reward: module:function or file.py:function"),
-    reward_cmd: Optional[str] = typer.Option(None, "--reward-cmd", help="evaluator command: JSON lines in, one score per line out"),
-    reward_timeout: float = typer.Option(60.0, "--reward-timeout", help="seconds the evaluator command may take per batch"),
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    iterations: int = typer.Option(20, "--iterations", help="PPO iterations (rollout + update)"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch", help="prompts per rollout"),
-    prompt_len: int = typer.Option(128, "--prompt-len", help="prompt tokens (cut from the left)"),
-    response_len: int = typer.Option(32, "--response-len", help="generated tokens"),
-    ppo_epochs: int = typer.Option(4, "--ppo-epochs", help="passes over each rollout"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="actor learning rate (default: the profile's)"),
-    critic_lr: Optional[float] = typer.Option(None, "--critic-lr", help="critic learning rate"),
-    kl_coef: float = typer.Option(0.05, "--kl-coef", help="KL penalty coefficient (initial, if adaptive)"),
-    kl_estimator: str = typer.Option("k1", "--kl-estimator", help="k1 or k3"),
-    kl_target: Optional[float] = typer.Option(None, "--kl-target", help="adaptive KL: target per-sequence KL"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    eval_prompts: Optional[str] = typer.Option(None, "--eval-prompts", help="held-out prompts scored before/after (greedy)"),
-    eval_reward: Optional[str] = typer.Option(None, "--eval-reward", help="module:function scoring the held-out answers"),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/ppo"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.ppo.partial (same settings)"),
-    save_every: int = typer.Option(2, "--save-every", help="iterations between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
+    prompts: str = option(PPOConfig, "prompts", "-p", required=True),
+    out: Path = option(PPOConfig, "out", "-o", required=True),
+    model: Optional[str] = option(PPOConfig, "model", "-m"),
+    sft: Optional[Path] = option(PPOConfig, "sft"),
+    reward_model: Optional[Path] = option(PPOConfig, "reward_model"),
+    reward: Optional[str] = option(PPOConfig, "reward"),
+    reward_cmd: Optional[str] = option(PPOConfig, "reward_cmd"),
+    reward_timeout: float = option(PPOConfig, "reward_timeout"),
+    profile: Optional[str] = option(PPOConfig, "profile"),
+    iterations: int = option(PPOConfig, "iterations"),
+    rollout_batch: int = option(PPOConfig, "rollout_batch"),
+    prompt_len: int = option(PPOConfig, "prompt_len"),
+    response_len: int = option(PPOConfig, "response_len"),
+    ppo_epochs: int = option(PPOConfig, "ppo_epochs"),
+    minibatches: int = option(PPOConfig, "minibatches"),
+    lr: Optional[float] = option(PPOConfig, "lr"),
+    critic_lr: Optional[float] = option(PPOConfig, "critic_lr"),
+    lr_schedule: str = option(PPOConfig, "lr_schedule"),
+    kl_coef: float = option(PPOConfig, "kl_coef"),
+    kl_estimator: str = option(PPOConfig, "kl_estimator"),
+    kl_target: Optional[float] = option(PPOConfig, "kl_target"),
+    temperature: float = option(PPOConfig, "temperature"),
+    top_p: float = option(PPOConfig, "top_p"),
+    eval_prompts: Optional[str] = option(PPOConfig, "eval_prompts"),
+    eval_reward: Optional[str] = option(PPOConfig, "eval_reward"),
+    seed: int = option(PPOConfig, "seed"),
+    overwrite: bool = option(PPOConfig, "overwrite"),
+    resume: bool = option(PPOConfig, "resume"),
+    save_every: int = option(PPOConfig, "save_every"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+    trust_remote_code: bool = option(PPOConfig, "trust_remote_code"),
 ):
     """PPO on one shared base: actor/critic/reward adapters, reference = adapters off."""
-    from lowmem_rlhf.ppo import PPOConfig, run_ppo
+    from lowmem_rlhf.stages.ppo import run_ppo
 
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
-              response_len=response_len, ppo_epochs=ppo_epochs)
+              response_len=response_len, ppo_epochs=ppo_epochs, minibatches=minibatches)
     _not_negative(save_every=save_every)
-    if kl_estimator not in ("k1", "k3"):
-        raise UserError(f"--kl-estimator must be k1 or k3, got {kl_estimator!r}")
+    _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
     prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code)
-    out.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/ppo")
-    summary = run_ppo(PPOConfig(model=model, prompts=prompts, out=out_dir, profile=prof, sft=sft,
-                                reward_model=reward_model, reward=reward, reward_cmd=reward_cmd,
-                                reward_timeout=reward_timeout, iterations=iterations, rollout_batch=rollout_batch,
-                                prompt_len=prompt_len, response_len=response_len, ppo_epochs=ppo_epochs, lr=lr,
-                                critic_lr=critic_lr, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_target=kl_target,
-                                temperature=temperature, top_p=top_p, eval_prompts=eval_prompts,
-                                eval_reward=eval_reward, seed=seed, overwrite=overwrite,
-                                trust_remote_code=trust_remote_code, resume=resume, save_every=save_every),
-                     console=out)
-    _print_summary(summary, "PPO summary")
+    console.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/ppo")
+    _print_summary(run_ppo(_config(PPOConfig, locals(), prof), console=console), "PPO summary")
 
 
 @app.command()
@@ -480,35 +481,37 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the one recorded in the run)"),
 ):
     """Write a standalone model: 16-bit base with the SFT and PPO adapters merged in."""
-    from lowmem_rlhf.export import export_run
+    from lowmem_rlhf.model.export import export_run
 
     if dtype not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
     path = export_run(run, out_dir, dtype, model)
-    out.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    console.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
-ZERO3_PPO_REASON = ("PPO does not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine the "
-                    "critic never moved and the actor took twice torch's update (scripts/zero3_ppo_equivalence.py)")
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
                    trust_remote_code: bool = False):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
     this machine (or on --gpu)."""
-    from lowmem_rlhf.config import load_all_profiles, load_profile
-    from lowmem_rlhf.embedded import resolve_model_path
-    from lowmem_rlhf.loading import resolve_source
-    from lowmem_rlhf.model_spec import load_spec
-    from lowmem_rlhf.planner import choose_profile
+    from lowmem_rlhf.config import deepspeed_missing, load_all_profiles, load_profile
+    from lowmem_rlhf.model.embedded import resolve_model_path
+    from lowmem_rlhf.model.loading import resolve_source
+    from lowmem_rlhf.plan.model_spec import load_spec
+    from lowmem_rlhf.plan.planner import choose_profile
 
     if profile:
         prof = load_profile(profile)
         if not prof.is_lora:
             raise UserError(f"profile {prof.name}: this version trains LoRA adapters on a shared base; "
                             "use qlora-shared, lora-bf16-shared or zero3-offload")
+        from lowmem_rlhf.plan.estimator import ZERO3_PPO_REASON
+
         if prof.offload == "zero3" and stage == "ppo":
             raise UserError(f"profile {prof.name}: {ZERO3_PPO_REASON}; use qlora-shared for PPO")
+        if prof.offload == "zero3" and (missing := deepspeed_missing()):
+            raise UserError(f"profile {prof.name}: {missing}")
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)
@@ -516,7 +519,7 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
 
 
 def _print_summary(summary: dict, title: str) -> None:
-    from lowmem_rlhf.report import print_memory_report
+    from lowmem_rlhf.measure.report import print_memory_report
 
     t = Table(title=title)
     t.add_column("metric")
@@ -529,77 +532,68 @@ def _print_summary(summary: dict, title: str) -> None:
         elif isinstance(v, float):
             v = f"{v:.4f}"
         t.add_row(k, str(v))
-    out.print(t)
-    print_memory_report(summary["memory"], out)
+    console.print(t)
+    print_memory_report(summary["memory"], console)
 
 
 
 
 @app.command()
 def sft(
-    data: str = typer.Option(..., "--data", "-d", help="instruction data: .json/.jsonl(.gz)/.parquet (self_instruct, alpaca, messages, hh-rlhf) or a hub dataset"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)"),
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    max_steps: int = typer.Option(50, "--max-steps", help="optimizer steps"),
-    max_len: int = typer.Option(512, "--max-len", help="tokens per example (prompt cut from the left first)"),
-    batch: int = typer.Option(16, "--batch", help="effective batch (examples per optimizer step)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default: the profile's)"),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share of the data"),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/sft"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.sft.partial (same settings)"),
-    save_every: int = typer.Option(10, "--save-every", help="optimizer steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
+    data: str = option(SFTConfig, "data", "-d", required=True),
+    out: Path = option(SFTConfig, "out", "-o", required=True),
+    model: Optional[str] = option(SFTConfig, "model", "-m"),
+    profile: Optional[str] = option(SFTConfig, "profile"),
+    max_steps: int = option(SFTConfig, "max_steps"),
+    max_len: int = option(SFTConfig, "max_len"),
+    batch: int = option(SFTConfig, "batch"),
+    lr: Optional[float] = option(SFTConfig, "lr"),
+    eval_fraction: float = option(SFTConfig, "eval_fraction"),
+    seed: int = option(SFTConfig, "seed"),
+    overwrite: bool = option(SFTConfig, "overwrite"),
+    resume: bool = option(SFTConfig, "resume"),
+    save_every: int = option(SFTConfig, "save_every"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code (off by default)"),
+    trust_remote_code: bool = option(SFTConfig, "trust_remote_code"),
 ):
     """Supervised fine-tuning: train the `sft` LoRA adapter (completion-only loss)."""
-    from lowmem_rlhf.sft import SFTConfig, run_sft
+    from lowmem_rlhf.stages.sft import run_sft
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every)
     prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
-    out.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/sft")
-    summary = run_sft(SFTConfig(model=model, data=data, out=out_dir, profile=prof, max_len=max_len, batch=batch,
-                                max_steps=max_steps, lr=lr, eval_fraction=eval_fraction, seed=seed,
-                                overwrite=overwrite, trust_remote_code=trust_remote_code, resume=resume,
-                                save_every=save_every), console=out)
-    _print_summary(summary, "SFT summary")
+    console.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/sft")
+    _print_summary(run_sft(_config(SFTConfig, locals(), prof), console=console), "SFT summary")
 
 
 @app.command()
 def rm(
-    data: str = typer.Option(..., "--data", "-d", help="preference pairs: hh-rlhf chosen/rejected transcripts, or prompt/chosen/rejected"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (the same one SFT used)"),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="finished SFT stage (RUN/sft): merged into the base first"),
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    max_steps: int = typer.Option(50, "--max-steps", help="optimizer steps"),
-    max_len: int = typer.Option(512, "--max-len", help="tokens per sequence"),
-    batch: int = typer.Option(16, "--batch", help="pairs per optimizer step"),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="use at most this many pairs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default: the profile's)"),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="held-out share for accuracy"),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing RUN/rm"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in RUN/.rm.partial (same settings)"),
-    save_every: int = typer.Option(10, "--save-every", help="optimizer steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)"),
+    data: str = option(RMConfig, "data", "-d", required=True),
+    out: Path = option(RMConfig, "out", "-o", required=True),
+    model: Optional[str] = option(RMConfig, "model", "-m"),
+    init_from: Optional[Path] = option(RMConfig, "init_from"),
+    profile: Optional[str] = option(RMConfig, "profile"),
+    max_steps: int = option(RMConfig, "max_steps"),
+    max_len: int = option(RMConfig, "max_len"),
+    batch: int = option(RMConfig, "batch"),
+    max_pairs: Optional[int] = option(RMConfig, "max_pairs"),
+    lr: Optional[float] = option(RMConfig, "lr"),
+    eval_fraction: float = option(RMConfig, "eval_fraction"),
+    seed: int = option(RMConfig, "seed"),
+    overwrite: bool = option(RMConfig, "overwrite"),
+    resume: bool = option(RMConfig, "resume"),
+    save_every: int = option(RMConfig, "save_every"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code"),
+    trust_remote_code: bool = option(RMConfig, "trust_remote_code"),
 ):
     """Reward model: train a `reward` LoRA adapter + scalar head with the pairwise ranking loss."""
-    from lowmem_rlhf.rm import RMConfig, run_rm
+    from lowmem_rlhf.stages.rm import run_rm
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every)
     prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
-    out.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out_dir}/rm")
-    summary = run_rm(RMConfig(model=model, data=data, out=out_dir, profile=prof, init_from=init_from,
-                              max_len=max_len, batch=batch, max_steps=max_steps, lr=lr, max_pairs=max_pairs,
-                              eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
-                              trust_remote_code=trust_remote_code, resume=resume, save_every=save_every),
-                     console=out)
-    _print_summary(summary, "RM summary")
+    console.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/rm")
+    _print_summary(run_rm(_config(RMConfig, locals(), prof), console=console), "RM summary")
 
 
 def _not_negative(**values: int) -> None:
@@ -612,6 +606,7 @@ def _positive(**values: int) -> None:
     for name, v in values.items():
         if v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
 
 
 @app.command()
@@ -629,7 +624,7 @@ def doctor(
         if not sep or not name.strip() or not spec.strip():
             raise UserError(f"--ranges {item!r}: expected package=specifier, e.g. torch=<2.14")
         override[name.strip()] = spec.strip()
-    raise typer.Exit(render(run_checks(override or None, disk_path=out_dir), out))
+    raise typer.Exit(render(run_checks(override or None, disk_path=out_dir), console))
 
 
 @app.command()
@@ -662,11 +657,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one-line errors, never a traceback for bad input."""
     import errno
 
-    from lowmem_rlhf.stopping import Interrupted
+    from lowmem_rlhf.runtime.stopping import Interrupted
 
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="lowmem-rlhf", standalone_mode=False)
     except UserError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
@@ -688,13 +683,45 @@ def main(argv: Optional[list[str]] = None) -> None:
     except typer.Abort:
         err.print("aborted", markup=False)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except Exception as e:
+        # Usage errors (unknown flag or command, missing value, wrong type). typer >= 0.2x vendors
+        # click as `typer._click`: its ClickException derives from typer.TyperException, not from the
+        # `click` package's, which older typer raises. Both print the usage and ONE `error:` line.
+        usage_errors: list[type] = [typer.TyperException] if isinstance(getattr(typer, "TyperException", None), type) else []
+        try:
+            import click
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+            usage_errors.append(click.ClickException)
+        except ImportError:
+            pass
+        if not isinstance(e, tuple(usage_errors)):
+            raise
+        code = getattr(e, "exit_code", 2)
+        code = code if isinstance(code, int) else 2
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: typer's rich help printed itself
+            text = e.format_message()
+            if text.strip():  # plain click returns the help as text instead
+                print(text)
+            sys.exit(code)
+        ctx = getattr(e, "ctx", None)
+        if ctx is None:  # vendored click raises "requires an argument" without its context: take the
+            tb = e.__traceback__  # innermost one the parser ran with
+            while tb is not None:
+                found = tb.tb_frame.f_locals.get("ctx")
+                if hasattr(found, "get_usage") and hasattr(found, "command_path"):
+                    ctx = found
+                tb = tb.tb_next
+        if ctx is not None:
+            try:
+                err.print(ctx.get_usage().strip(), markup=False, highlight=False, soft_wrap=True)
+                if ctx.command.get_help_option(ctx) is not None:
+                    err.print(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", markup=False,
+                              highlight=False, soft_wrap=True)
+            except Exception:  # the usage is a courtesy; the error line is the point
+                pass
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        err.print("error: " + " ".join(str(message).split()), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Typed configs. A profile YAML in `profiles/` is a serialized `Profile`; nothing else holds knobs.
+"""Typed configs. A profile YAML in `lowmem_rlhf/profiles/` is a serialized `Profile`; nothing else holds knobs.
 
 `Profile` says *how* a stage runs (quantization, adapters, checkpointing, optimizer, offload,
 micro-batch); `Shape` says *what* it runs on (sequence lengths, batch sizes). The planner changes
@@ -9,6 +9,7 @@ beside every output.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from lowmem_rlhf.data.io import bundled_path
 from lowmem_rlhf.errors import UserError
 
 Quant = Literal["none", "nf4", "fp4", "int8"]
@@ -25,8 +27,26 @@ Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bi
 Offload = Literal["none", "zero3"]
 Stage = Literal["sft", "rm", "ppo"]
 STAGES: tuple[str, ...] = ("sft", "rm", "ppo")
+GIB = 1024**3  # the unit of every memory figure the project prints
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# The shipped profiles live inside the package (package-data `profiles/*.yaml`), so this one path
+# holds for an editable install, a wheel and a source checkout alike.
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+# deepspeed is the optional extra `zero3` (a source build against the installed torch).
+ZERO3_INSTALL = "pip install --no-build-isolation 'lowmem-rlhf[zero3]'"
+
+
+def deepspeed_missing() -> str | None:
+    """One line saying why ZeRO-3 offload (offload: zero3) cannot run here and how to install it,
+    or None when deepspeed is importable. Looks the module up without importing it."""
+    try:
+        if importlib.util.find_spec("deepspeed") is not None:
+            return None
+    except ValueError:  # imported already, without a module spec: it is there
+        return None
+    return (f"ZeRO-3 offload needs deepspeed, which is not installed; install the zero3 extra with "
+            f"`{ZERO3_INSTALL}` (after torch)")
 
 
 @dataclass
@@ -53,8 +73,7 @@ class Profile:
     offload: Offload = "none"
     offload_pin_memory: bool = True
     attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
-    micro_batch: int = 4
-    grad_accum: int = 1
+    micro_batch: int = 4  # the planner lowers it to fit; accumulation follows from the stage's batch
     learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -70,8 +89,8 @@ class Profile:
             raise UserError(f"{source}: lora_r must be >= 0 (0 = full fine-tune), got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"{source}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            raise UserError(f"{source}: micro_batch and grad_accum must be >= 1")
+        if self.micro_batch < 1:
+            raise UserError(f"{source}: micro_batch must be >= 1")
         if self.offload == "zero3" and self.quant != "none":
             raise UserError(
                 f"{source}: offload=zero3 needs a 16-bit base (quant: none); ZeRO-3 partitions "
@@ -97,7 +116,7 @@ class Shape:
     """What a run trains on: lengths in tokens, batch sizes in sequences."""
 
     seq_len: int = 512  # SFT / RM sequence length (prompt + answer)
-    batch: int = 16  # effective batch per optimizer step (micro_batch x grad_accum)
+    batch: int = 16  # effective batch per optimizer step (micro-batch x accumulation)
     prompt_len: int = 256  # PPO prompt length
     response_len: int = 256  # PPO generated tokens
     rollout_batch: int = 8  # PPO prompts per rollout
@@ -108,10 +127,6 @@ class Shape:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 flag = "--" + f.name.replace("_", "-")
                 raise UserError(f"{flag} must be a positive integer, got {v!r}")
-
-    @property
-    def ppo_len(self) -> int:
-        return self.prompt_len + self.response_len
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,7 +195,7 @@ def list_profiles(directory: Path = PROFILES_DIR) -> list[Path]:
 
 
 def load_profile(name_or_path: str | Path, directory: Path = PROFILES_DIR) -> Profile:
-    """A profile by name (a file in profiles/) or by path to a YAML file."""
+    """A profile by name (a file in lowmem_rlhf/profiles/) or by path to a YAML file."""
     path = Path(name_or_path)
     if not path.suffix:
         path = directory / f"{name_or_path}.yaml"
@@ -213,12 +228,146 @@ def profile_to_yaml(profile: Profile, header: str = "") -> str:
     return ("\n".join(lines) + "\n" if lines else "") + body
 
 
-def replace(obj, **changes):
-    """dataclasses.replace that re-runs validation."""
-    return dataclasses.replace(obj, **changes)
-
-
 __all__ = [
-    "Profile", "Shape", "STAGES", "load_profile", "load_all_profiles", "list_profiles",
-    "dataclass_from_dict", "profile_to_yaml", "PROFILES_DIR", "replace",
+    "Profile", "Shape", "STAGES", "GIB", "load_profile", "load_all_profiles", "list_profiles",
+    "dataclass_from_dict", "profile_to_yaml", "PROFILES_DIR", "deepspeed_missing", "ZERO3_INSTALL",
+    "knob", "StageConfig", "SFTConfig", "RMConfig", "PPOConfig", "AutoConfig", "STAGE_CONFIGS", "DEMO_CHECKER",
 ]
+
+
+# ---- the stages' run configs -------------------------------------------------------------------
+# Each knob is declared once, here: its default and its help text (`knob`). The CLI builds its
+# options from these fields (`cli.option`), and a test checks that every CLI default equals them.
+def knob(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kw: Any) -> Any:
+    """A config field with its CLI help (and flag, when it is not --field-name)."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class StageConfig:
+    """What every training stage takes: the model, the run folder, the profile and the run controls."""
+
+    model: str | None = knob(None, "model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    out: Path = knob(Path("runs/run"), "run folder; the stage writes RUN/<stage>/ only when it completes")
+    profile: Profile = knob(None, "profile name or YAML path (default: the planner's pick for this machine)")
+    seed: int = knob(0, "seed of sampling, data order and adapter init")
+    overwrite: bool = knob(False, "replace a finished stage folder of the same name")
+    trust_remote_code: bool = knob(False, "allow the model's own Python code (off by default)")
+    progress: bool = knob(True, "progress bar on a terminal, a plain line every 30 s otherwise")
+    resume: bool = knob(False, "continue from the newest checkpoint in RUN/.<stage>.partial (same settings)")
+    save_every: int = knob(10, "steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    data: str = knob("", "instruction data: .json/.jsonl(.gz)/.parquet (self_instruct, alpaca, messages, hh-rlhf) "
+                         "or a hub dataset")
+    max_len: int = knob(512, "tokens per example (the prompt is cut from the left first)")
+    batch: int = knob(16, "effective batch (examples per optimizer step)")
+    max_steps: int = knob(50, "optimizer steps")
+    lr: float | None = knob(None, "learning rate (default: the profile's)")
+    eval_fraction: float = knob(0.1, "held-out share of the data")
+
+
+@dataclass
+class RMConfig(StageConfig):
+    data: str = knob("", "preference pairs: hh-rlhf chosen/rejected transcripts, or prompt/chosen/rejected")
+    init_from: Path | None = knob(None, "finished SFT stage (RUN/sft): merged into the base first")
+    max_len: int = knob(512, "tokens per sequence")
+    batch: int = knob(16, "pairs per optimizer step")
+    max_steps: int = knob(50, "optimizer steps")
+    lr: float | None = knob(None, "learning rate (default: the profile's)")
+    eval_fraction: float = knob(0.1, "held-out share for accuracy")
+    max_pairs: int | None = knob(None, "use at most this many pairs (before the split)")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    prompts: str = knob("", "prompts file: prompt / instruction / messages / hh-rlhf rows")
+    sft: Path | None = knob(None, "finished SFT stage (RUN/sft): merged into the base = the reference")
+    reward_model: Path | None = knob(None, "finished RM stage (RUN/rm): the reward, and the critic's start")
+    reward: str | None = knob(None, "programmatic reward: module:function or file.py:function")
+    reward_cmd: str | None = knob(None, "evaluator command: JSON lines in, one score per line out")
+    reward_timeout: float = knob(60.0, "seconds the evaluator command may take per batch")
+    iterations: int = knob(20, "PPO iterations (rollout + update)")
+    rollout_batch: int = knob(8, "prompts per rollout")
+    prompt_len: int = knob(128, "prompt tokens (cut from the left)")
+    response_len: int = knob(32, "generated tokens")
+    ppo_epochs: int = knob(4, "passes over each rollout")
+    minibatches: int = knob(1, "optimizer steps per epoch; each accumulates micro-batches")
+    lr: float | None = knob(None, "actor learning rate (default: the profile's)")
+    critic_lr: float | None = knob(None, "critic learning rate (default: the profile's)")
+    lr_schedule: Literal["constant", "cosine"] = knob("constant", "actor/critic learning-rate schedule over the "
+                                                      "run's optimizer steps: constant, or warmup + cosine")
+    kl_coef: float = knob(0.05, "KL penalty coefficient (the initial one, if adaptive)")
+    kl_estimator: Literal["k1", "k3"] = knob("k1", "per-token KL estimator: k1 or k3")
+    kl_target: float | None = knob(None, "adaptive KL: target per-sequence KL")
+    kl_horizon: int = knob(10000, "adaptive KL controller horizon (samples)")
+    gamma: float = knob(1.0, "GAE discount")
+    lam: float = knob(0.95, "GAE lambda")
+    clip: float = knob(0.2, "policy ratio clip range")
+    vf_clip: float = knob(0.2, "value clip range")
+    temperature: float = knob(1.0, "sampling temperature")
+    top_p: float = knob(1.0, "nucleus sampling threshold")
+    whiten_advantages: bool = knob(True, "normalise advantages over the rollout")
+    separate_models: bool = knob(False, "the 4-model layout (benchmark comparison), not the design")
+    eval_prompts: str | None = knob(None, "held-out prompts scored before and after (greedy)")
+    eval_reward: str | None = knob(None, "module:function scoring the held-out answers "
+                                         "(default: the training reward when it is a function)")
+    save_every: int = knob(2, "iterations between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)")
+
+
+DEMO_CHECKER = "lowmem_rlhf.algo.demo_task:checker"
+
+
+@dataclass
+class AutoConfig:
+    """`auto`'s settings. None in a shape field means: the demo's value with the embedded model,
+    the planning default with a named one (`resolve`)."""
+
+    model: str | None = knob(None, "model preset, folder or hub id (default: the embedded SmolLM2-135M-Instruct "
+                                   "on the bundled demo task)")
+    out: Path | None = knob(None, "run folder (default: runs/auto-<time>)")
+    profile: Profile | None = knob(None, "the planner's pick (set by `auto`, saved for --resume)")
+    sft_data: str = knob(str(bundled_path("self-instruct-seed-tasks.jsonl")), "SFT data", flag="--data")
+    pairs: str = knob(str(bundled_path("demo-pairs.jsonl")), "preference pairs for the RM")
+    prompts: str = knob(str(bundled_path("demo-prompts.jsonl")), "PPO prompts")
+    heldout: str | None = knob(str(bundled_path("demo-heldout.jsonl")), "held-out prompts scored before and after PPO")
+    eval_reward: str | None = knob(DEMO_CHECKER, "module:function scoring the held-out answers")
+    reward: str | None = knob(None, "programmatic reward module:function (skips the RM stage)")
+    reward_cmd: str | None = knob(None, "external evaluator command (JSON lines in, one score per line out; "
+                                        "skips the RM stage)")
+    seq_len: int | None = knob(None, "SFT and RM sequence length (default: 128 for the demo, 512 for a named model)")
+    sft_steps: int = knob(16, "SFT optimizer steps")
+    sft_batch: int = knob(4, "SFT examples per optimizer step")
+    rm_steps: int = knob(30, "RM optimizer steps")
+    rm_batch: int = knob(8, "RM pairs per optimizer step")
+    ppo_iterations: int = knob(20, "PPO iterations")
+    ppo_epochs: int = knob(2, "PPO passes over each rollout")
+    ppo_lr: float | None = knob(None, "PPO actor learning rate (default: 2e-4 for the demo, else the profile's)")
+    prompt_len: int | None = knob(None, "PPO prompt length (default: 64 for the demo, 256 for a named model)")
+    response_len: int | None = knob(None, "PPO generated tokens (default: 16 for the demo, 256 for a named model)")
+    rollout_batch: int = knob(8, "PPO prompts per rollout")
+    seed: int = knob(0, "seed of every stage")
+    trust_remote_code: bool = knob(False, "allow the model's own Python code")
+    progress: bool = knob(True, "progress bars")
+
+    def resolve(self) -> "AutoConfig":
+        """This config with the None shape fields filled: the demo's values or a named model's."""
+        fill = DEMO_SHAPE if self.model is None else NAMED_SHAPE
+        return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
+
+    def shape(self) -> Shape:
+        """The shape `auto` plans for: the one its stages run (the longer of SFT/RM's batches)."""
+        return Shape(seq_len=self.seq_len, batch=max(self.sft_batch, self.rm_batch), prompt_len=self.prompt_len,
+                     response_len=self.response_len, rollout_batch=self.rollout_batch)
+
+
+DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4}
+NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256}
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "auto": AutoConfig}

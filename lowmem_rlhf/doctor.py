@@ -1,7 +1,8 @@
 """`lowmem-rlhf doctor`: is this machine ready to train? One line per check, OK / WARN / FAIL.
 
-Checks: the versions of python and of the training stack against the ranges this release was
-tested with (read from the installed package's own dependency list), CUDA and the GPU (or the CPU's
+Checks: the versions of python and of every direct dependency (the zero3 and flash extras included)
+against the ranges this release was tested with, read from the installed package's own metadata
+(pyproject.toml is the one place they are declared), CUDA and the GPU (or the CPU's
 bf16 support), RAM and disk, and a real 4-bit matmul with a backward through bitsandbytes, the
 part that breaks first on a new machine. WARN and FAIL lines carry a fix. Exit code 1 only for FAIL.
 
@@ -23,17 +24,21 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-GIB = 1024**3
+from lowmem_rlhf.config import GIB, ZERO3_INSTALL
+
 DIST_NAME = "lowmem-rlhf"
 TORCH_PIN = "2.13.0"  # the torch this release was tested with; install it first, then the rest
-CHECKED = ("python", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed",
-           "flash-attn")
-OPTIONAL = {"flash-attn": "optional, GPU-only"}
+# Shown first, in this order; the other direct dependencies follow in pyproject order.
+STACK = ("python", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed", "flash-attn")
+EXTRAS = ("zero3", "flash")  # optional extras whose packages are checked when installed (`test` is not)
+OPTIONAL = {"deepspeed": f"optional: only the zero3-offload profile needs it; {ZERO3_INSTALL}",
+            "flash-attn": "optional, GPU-only"}
 DISK_WARN_GIB = 20.0
 DISK_FAIL_GIB = 2.0
 RAM_WARN_GIB = 4.0
 
-# Same as pyproject.toml; used only when the installed package's metadata cannot be read.
+# pyproject.toml's ranges, used only when the installed package's metadata cannot be read (a source
+# tree on PYTHONPATH); tests/test_doctor.py checks that this table equals pyproject.toml.
 _FALLBACK_RANGES = {
     "python": ">=3.10",
     "torch": ">=2.4,<2.14",
@@ -44,6 +49,16 @@ _FALLBACK_RANGES = {
     "accelerate": ">=1.5,<1.16",
     "deepspeed": ">=0.17,<0.20",
     "flash-attn": ">=2.6",
+    "datasets": ">=3.0,<5.3",
+    "psutil": ">=5.9,<7.3",
+    "pyyaml": ">=6.0,<6.1",
+    "rich": ">=13.0,<15.1",
+    "typer": ">=0.12,<0.30",
+    "gguf": ">=0.10,<0.20",
+    "matplotlib": ">=3.8,<3.12",
+    "tqdm": ">=4.66,<4.71",
+    "safetensors": ">=0.4,<0.9",
+    "packaging": ">=23.0,<26.5",
 }
 
 
@@ -60,8 +75,21 @@ def _spec_str(spec: SpecifierSet) -> str:
     return ",".join(sorted((str(s) for s in spec), key=lambda s: (not s.startswith(">"), s)))
 
 
+def _runtime_requirement(req: Requirement) -> bool:
+    """A direct dependency, or one of EXTRAS' (not the `test` extra's)."""
+    if req.marker is None:
+        return True
+    return any(req.marker.evaluate({"extra": extra}) for extra in ("", *EXTRAS))
+
+
+def _in_display_order(ranges: dict[str, str]) -> dict[str, str]:
+    first = {name: ranges[name] for name in STACK if name in ranges}
+    return {**first, **{k: v for k, v in ranges.items() if k not in first}}
+
+
 def _ranges_from_metadata() -> dict[str, str]:
-    """package -> specifier from the installed lowmem-rlhf's Requires-Dist (+ Requires-Python)."""
+    """package -> specifier from the installed lowmem-rlhf's Requires-Dist (+ Requires-Python);
+    {} when the package's metadata cannot be found."""
     found: dict[str, str] = {}
     try:
         requires = importlib.metadata.requires(DIST_NAME) or []
@@ -76,9 +104,9 @@ def _ranges_from_metadata() -> dict[str, str]:
         except InvalidRequirement:
             continue
         name = canonicalize_name(req.name)
-        if name in CHECKED and name not in found and req.specifier:
+        if name not in found and _runtime_requirement(req):
             found[name] = _spec_str(req.specifier)
-    return found
+    return _in_display_order(found)
 
 
 def _tested_ranges() -> dict[str, str]:
@@ -86,7 +114,7 @@ def _tested_ranges() -> dict[str, str]:
         meta = _ranges_from_metadata()
     except Exception:  # broken metadata must not break the doctor
         meta = {}
-    return {name: meta.get(name, _FALLBACK_RANGES[name]) for name in CHECKED}
+    return meta or _in_display_order(dict(_FALLBACK_RANGES))
 
 
 TESTED_RANGES: dict[str, str] = _tested_ranges()
@@ -127,7 +155,8 @@ def _pip_fix(name: str, spec: str, ranges: dict[str, str]) -> str:
         pin = _torch_pin(ranges)
     except InvalidSpecifier:
         pin = f"torch=={TORCH_PIN}"
-    return f'pip install {pin} "{name}{spec}"  (torch pinned so pip leaves it alone)'
+    build = "--no-build-isolation " if name == "deepspeed" else ""  # a source build against this torch
+    return f'pip install {build}{pin} "{name}{spec}"  (torch pinned so pip leaves it alone)'
 
 
 def _version_check(name: str, spec_text: str, ranges: dict[str, str]) -> Check:
@@ -185,7 +214,7 @@ def check_compute() -> list[Check]:
             detail = f"{platform.machine()}: bf16 support unknown (no /proc/cpuinfo); fp32 compute is the safe choice"
         elif "avx512_bf16" in flags or "amx_bf16" in flags:
             have = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
-            detail = f"{have}: native bf16 on this CPU (4-bit repack guard applies, pitfall #1)"
+            detail = f"{have}: native bf16 on this CPU (4-bit repack guard applies, pitfall #1 in docs/pitfalls.md)"
         else:
             detail = "no avx512_bf16: bf16 is emulated on this CPU, fp32 compute may be faster"
         checks.append(Check("cpu bf16", "OK", detail))
@@ -251,7 +280,7 @@ def _import_bnb():
 
 def _fourbit_probe(corrupt: bool = False, device: str | None = None) -> tuple[bool, str]:
     """Quantize a real 128x128 nf4 `Linear4bit`, run an eval forward under no_grad (what generation
-    does: on avx512_bf16 CPUs it would repack the weights, pitfall #1), then a training forward and
+    does: on avx512_bf16 CPUs it would repack the weights, pitfall #1 in docs/pitfalls.md), then a training forward and
     backward through a trainable LoRA-like input projection, and compare output and gradient to an
     fp32 reference that uses the dequantized weight. `corrupt=True` flips bits of the packed weight
     after the reference is taken, so a correct comparison must then say no."""
@@ -260,7 +289,7 @@ def _fourbit_probe(corrupt: bool = False, device: str | None = None) -> tuple[bo
     bnb = _import_bnb()
     from bitsandbytes.functional import dequantize_4bit
 
-    from lowmem_rlhf.loading import guard_bnb_cpu_repack
+    from lowmem_rlhf.model.loading import guard_bnb_cpu_repack
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,7 +328,7 @@ def _fourbit_probe(corrupt: bool = False, device: str | None = None) -> tuple[bo
     y_ref, ga_ref, gb_ref = step(lambda h: h @ deq.t())
     if ga is None or gb is None:
         return False, (f"nf4 {n}x{n} Linear4bit on {device}: backward gave no gradient through the 4-bit weight "
-                       "(an inference-only kernel, pitfall #1)")
+                       "(an inference-only kernel, pitfall #1 in docs/pitfalls.md)")
 
     def close(got, ref):
         tol = 1e-3 * float(ref.abs().max()) + 1e-6
@@ -313,7 +342,7 @@ def _fourbit_probe(corrupt: bool = False, device: str | None = None) -> tuple[bo
         return False, f"{what}: forward differs from the dequantized fp32 matmul (max diff {d_out:.3g})"
     if not (ok_ga and ok_gb):
         return False, (f"{what}: forward matches but the gradients differ from fp32 "
-                       f"(max diff {max(d_ga, d_gb):.3g}; a kernel without backward, pitfall #1?)")
+                       f"(max diff {max(d_ga, d_gb):.3g}; a kernel without backward, pitfall #1 in docs/pitfalls.md?)")
     return True, f"{what}: forward and LoRA gradients match the dequantized fp32 reference"
 
 

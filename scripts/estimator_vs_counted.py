@@ -4,7 +4,7 @@
 
 Models: a tiny random Llama (GQA), a tiny random GPT-2 (Conv1D) and the embedded SmolLM2-135M
 (real weights). Each row runs one real SFT step (LoRA) and counts the actual tensors: see
-lowmem_rlhf/validation.py. The tests (tests/test_estimator_counted.py) assert the same figures.
+lowmem_rlhf/measure/validation.py. The tests (tests/test_estimator_counted.py) assert the same figures.
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     args = ap.parse_args()
     from lowmem_rlhf.config import Profile, Shape
-    from lowmem_rlhf.embedded import ensure_default_model
-    from lowmem_rlhf.random_models import save_random, tiny_gpt2_config, tiny_llama_config
-    from lowmem_rlhf.validation import compare
+    from lowmem_rlhf.measure.validation import compare
+    from lowmem_rlhf.model.embedded import ensure_default_model
+    from lowmem_rlhf.model.random_models import (
+        save_random,
+        tiny_gpt2_config,
+        tiny_llama_config,
+    )
 
     tmp = tempfile.mkdtemp()
     models = {

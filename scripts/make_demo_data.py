@@ -1,4 +1,4 @@
-"""Write the embedded demo task's files into lowmem_rlhf/bundled_data/ (deterministic).
+"""Write the embedded demo task's files into lowmem_rlhf/data/bundled/ (deterministic).
 
     python scripts/make_demo_data.py
 """
@@ -6,9 +6,9 @@
 import json
 from pathlib import Path
 
-from lowmem_rlhf.demo_task import rows
+from lowmem_rlhf.algo.demo_task import rows
 
-out = Path(__file__).resolve().parent.parent / "lowmem_rlhf" / "bundled_data"
+out = Path(__file__).resolve().parent.parent / "lowmem_rlhf" / "data" / "bundled"
 for name, items in rows().items():
     (out / name).write_text("".join(json.dumps(r) + "\n" for r in items))
     print(f"{out / name}: {len(items)} rows")

@@ -2,8 +2,9 @@
 # Create (or reuse) the virtualenv and install lowmem-rlhf with its test tools.
 # torch goes first and pinned: `pip install torch==2.13.0` picks the CPU wheel where that is all
 # there is and the CUDA build on GPU machines; every later range accepts it, so nothing re-resolves
-# torch. deepspeed ships as a source archive: it is built without build isolation so that its build
-# uses this torch instead of downloading another.
+# torch. deepspeed (the optional `zero3` extra, for the zero3-offload profile; the test suite needs it)
+# ships as a source archive: it is built without build isolation so that its build uses this torch
+# instead of downloading another. Its range here is pyproject's zero3 extra (tests/test_packaging.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"

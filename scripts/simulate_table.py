@@ -19,8 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lowmem_rlhf.config import Shape, load_profile, replace  # noqa: E402
-from lowmem_rlhf.simulate import NOT_MODELLED, simulate  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from lowmem_rlhf.config import Shape, load_profile  # noqa: E402
+from lowmem_rlhf.measure.simulate import NOT_MODELLED, simulate  # noqa: E402
 
 MIB = 1024**2
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from lowmem_rlhf import data as D
-from lowmem_rlhf.adapters import SharedBase
-from lowmem_rlhf.config import load_profile, replace
-from lowmem_rlhf.loading import load_model
-from lowmem_rlhf.optim import make_optimizer, warmup_cosine
-from lowmem_rlhf.rm import pair_scores
-from lowmem_rlhf.sft import completion_loss
+from lowmem_rlhf.algo.pairwise import pair_scores
+from lowmem_rlhf.algo.supervised import completion_loss
+from lowmem_rlhf.config import load_profile
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.model.loading import load_model
+from lowmem_rlhf.runtime.optim import make_optimizer, warmup_cosine
 
 
 def zero3_profile(dtype: str = "fp32", **changes):
@@ -68,7 +69,7 @@ def run(kind: str, stage: str, model: str, profile, steps: int, micro_batch: int
 
     Returns per-step losses, grad norms, lrs, the final adapter state dict, seconds and the trainer
     (zero3) for memory inspection."""
-    from lowmem_rlhf.zero3 import Zero3Trainer
+    from lowmem_rlhf.runtime.zero3 import Zero3Trainer
 
     adapter, head = ("sft", False) if stage == "sft" else ("reward", True)
     shared = build(model, profile, adapter, head, seed)

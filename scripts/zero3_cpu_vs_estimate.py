@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zero3_common import build, sft_micro, sft_rows, zero3_profile  # noqa: E402
 
 from lowmem_rlhf.config import Shape  # noqa: E402
-from lowmem_rlhf.estimator import estimate, lora_tensors  # noqa: E402
+from lowmem_rlhf.plan.estimator import estimate, lora_tensors  # noqa: E402
 
 MIB = 1024**2
 
@@ -54,7 +54,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from lowmem_rlhf.zero3 import Zero3Trainer, device_type
+    from lowmem_rlhf.runtime.zero3 import Zero3Trainer, device_type
 
     prof = zero3_profile(args.dtype, micro_batch=args.micro_batch, offload_pin_memory=args.pin)
     import deepspeed  # noqa: F401  (import cost outside the deltas)

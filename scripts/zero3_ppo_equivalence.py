@@ -1,8 +1,8 @@
 """Can PPO's two trained adapters (actor, critic) share one DeepSpeed ZeRO-3 engine?
 
-facts-and-pitfalls #4: adapter switching on one DeepSpeed engine gave updates diverging from plain
+docs/pitfalls.md #4: adapter switching on one DeepSpeed engine gave updates diverging from plain
 torch. This script measures it. Same base, seed and data; each PPO-like iteration does, as
-lowmem_rlhf/ppo.py does: actor active -> `accum` micro-batch backward passes -> clip(actor, 1.0)
+lowmem_rlhf/stages/ppo.py does: actor active -> `accum` micro-batch backward passes -> clip(actor, 1.0)
 -> actor AdamW step; critic active -> `accum` backward passes -> clip(critic, 1.0) -> critic step.
 (Losses: next-token cross-entropy for the actor, MSE of the scalar head for the critic; the PPO
 math does not matter here, the optimizer/engine mechanics do.)
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zero3_common import build, zero3_profile  # noqa: E402
 
-from lowmem_rlhf.zero3 import _Call, ds_config, single_process_env  # noqa: E402
+from lowmem_rlhf.runtime.zero3 import _Call, ds_config, single_process_env  # noqa: E402
 
 ROLES = ("actor", "critic")
 
@@ -82,7 +82,7 @@ def adapter_state(shared, role, gather=False):
 
 
 def _belongs(n, role):
-    from lowmem_rlhf.adapters import _belongs as b
+    from lowmem_rlhf.model.adapters import _belongs as b
 
     return b(n, role)
 
@@ -210,7 +210,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model = args.model
     if model is None:
-        from lowmem_rlhf.random_models import save_random, tiny_llama_config
+        from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
 
         model = str(save_random(tiny_llama_config(), tempfile.mkdtemp(prefix="tiny-llama-")))
     elif model == "smollm2-135m":

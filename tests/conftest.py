@@ -11,7 +11,11 @@ import warnings
 import pytest
 import torch
 
-from lowmem_rlhf.random_models import save_random, tiny_gpt2_config, tiny_llama_config
+from lowmem_rlhf.model.random_models import (
+    save_random,
+    tiny_gpt2_config,
+    tiny_llama_config,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +36,7 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (real weights), converted once per machine into the cache."""
-    from lowmem_rlhf.embedded import ensure_default_model
+    from lowmem_rlhf.model.embedded import ensure_default_model
 
     return ensure_default_model(progress=False)
 
@@ -56,7 +60,7 @@ def tiny_glm(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-glm")
     mod.TinyGLMForCausalLM(cfg).save_pretrained(str(folder))
-    from lowmem_rlhf.random_models import byte_tokenizer
+    from lowmem_rlhf.model.random_models import byte_tokenizer
 
     byte_tokenizer().save_pretrained(str(folder))
     shutil.copy(src, folder / src.name)

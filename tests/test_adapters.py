@@ -4,14 +4,15 @@ facts-and-pitfalls.md, each shown to bite when its guard is removed."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lowmem_rlhf.adapters import AdapterSwitchError, SharedBase
-from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.loading import load_model
+from lowmem_rlhf.model.adapters import AdapterSwitchError, SharedBase
+from lowmem_rlhf.model.loading import load_model
 
 IDS = torch.randint(4, 250, (2, 12), generator=torch.Generator().manual_seed(1))
 AM = torch.ones_like(IDS)
@@ -46,7 +47,7 @@ def base_hash(eng) -> str:
 def test_switching_changes_outputs_and_reference_is_the_bare_base(tiny_llama, profile):
     bare = load_model(str(tiny_llama), replace(load_profile(profile), lora_r=8)).model
     with torch.no_grad():
-        from lowmem_rlhf.loading import backbone
+        from lowmem_rlhf.model.loading import backbone
 
         expected = bare.get_output_embeddings()(backbone(bare)(input_ids=IDS, attention_mask=AM).last_hidden_state).float()
     eng = engine(tiny_llama, profile)
@@ -107,7 +108,7 @@ def _has_avx512_bf16() -> bool:
 def test_pitfall1_bnb_cpu_repack_after_eval_forward(tmp_path_factory, guard):
     """An eval forward under no_grad must not change the LoRA gradients of the next training step.
     (Dimensions are multiples of 128: the repacked CPU kernel's block size.)"""
-    from lowmem_rlhf.random_models import save_random, tiny_llama_config
+    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
 
     cfg = tiny_llama_config()
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size = 4, 2, 64, 768

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_rlhf import counting
-from lowmem_rlhf.alloc_tracker import AllocTracker, cpu_allocator_peak
-from lowmem_rlhf.random_models import tiny_llama_config
+from lowmem_rlhf.measure import counting
+from lowmem_rlhf.measure.alloc_tracker import AllocTracker, cpu_allocator_peak
+from lowmem_rlhf.model.random_models import tiny_llama_config
 
 
 def _tiny(dtype=torch.float32):

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from lowmem_rlhf.algo.rewards import python_command
 from lowmem_rlhf.cli import main
+from lowmem_rlhf.config import PROFILES_DIR
 from lowmem_rlhf.data import bundled_path
-from lowmem_rlhf.rewards import python_command
 
 SEED_TASKS = str(bundled_path("self-instruct-seed-tasks.jsonl"))
 HH = str(bundled_path("hh-rlhf-harmless-base-test-600.jsonl.gz"))
 PROMPTS = str(bundled_path("demo-prompts.jsonl"))
 REWARDS = Path(__file__).parent / "assets" / "rewards.py"
-PROFILES = Path(__file__).parents[1] / "profiles"
+PROFILES = PROFILES_DIR  # the shipped profiles, inside the package
 
 
 def cli(argv) -> tuple[int, str, str]:
@@ -217,3 +218,45 @@ def test_disk_full_is_one_line_and_leaves_nothing_finished(tmp_path, tiny_llama)
     assert r.returncode == 2, (how, r.stdout[-1500:], r.stderr[-3000:])
     assert len(errors) == 1 and "free disk space" in errors[0] and "Traceback" not in r.stderr, (how, r.stderr[-3000:])
     assert not (run / "sft").exists()
+
+
+# Usage errors come from typer/click, not from our code: typer >= 0.2x raises its vendored click's
+# exceptions (typer._click), which a plain `except click.ClickException` does not catch. Run the real
+# console script so the entry point itself is what is tested.
+USAGE_ERRORS = {
+    "unknown-flag": (["sft", "--max-stepz", "2"], "sft", ["No such option: --max-stepz", "--max-steps"]),
+    "missing-value": (["sft", "--max-steps"], "sft", ["--max-steps", "requires an argument"]),
+    "wrong-type": (["sft", "--max-steps", "abc"], "sft", ["Invalid value for '--max-steps'", "integer"]),
+    "missing-value-plan": (["plan", "--gpu"], "plan", ["--gpu", "requires an argument"]),
+    "unknown-command": (["sfft"], "", ["No such command 'sfft'", "'sft'"]),
+}
+
+
+def _console_script() -> list[str]:
+    script = Path(sys.executable).with_name("lowmem-rlhf")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lowmem_rlhf"]
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_error_is_one_line_with_the_usage(case, tmp_path):
+    argv, command, needles = USAGE_ERRORS[case]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    r = subprocess.run(_console_script() + argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith(f"Usage: lowmem-rlhf {command}".rstrip()), r.stderr
+    assert lines[-1] == errors[0] and len(lines) <= 3, r.stderr  # usage, help hint, the error line
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_usage_error_in_process_too():
+    """`cli.main([...])` (what tests and `python -m lowmem_rlhf` call) handles them the same way."""
+    code, out, err = cli(["sft", "--max-stepz", "2"])
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and "Traceback" not in out + err
+    assert len(errors) == 1 and "--max-stepz" in errors[0], err

@@ -1,10 +1,19 @@
-"""Profiles are typed configs: every YAML in profiles/ loads; bad YAML gives one-line errors."""
+"""Profiles are typed configs: every YAML in lowmem_rlhf/profiles/ loads; bad YAML gives one-line errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from lowmem_rlhf.config import Profile, Shape, list_profiles, load_all_profiles, load_profile, profile_to_yaml
+from lowmem_rlhf.config import (
+    Profile,
+    Shape,
+    list_profiles,
+    load_all_profiles,
+    load_profile,
+    profile_to_yaml,
+)
 from lowmem_rlhf.errors import UserError
 
 
@@ -13,6 +22,20 @@ def test_every_shipped_profile_loads_and_has_a_header():
     assert {"qlora-shared", "lora-bf16-shared", "zero3-offload", "full-bf16"} <= names
     for path in list_profiles():
         assert path.read_text().startswith("# "), f"{path} lacks the header comment saying what it trades"
+
+
+def test_profiles_ship_inside_the_package():
+    """PROFILES_DIR is package data (lowmem_rlhf/profiles/), found the same way from a checkout, an
+    editable install or a wheel: no path above the package."""
+    from importlib.resources import files
+
+    import lowmem_rlhf
+    from lowmem_rlhf.config import PROFILES_DIR
+
+    assert PROFILES_DIR == Path(lowmem_rlhf.__file__).resolve().parent / "profiles"
+    shipped = {p.name for p in files("lowmem_rlhf").joinpath("profiles").iterdir() if p.name.endswith(".yaml")}
+    assert shipped == {p.name for p in list_profiles()} and "qlora-shared.yaml" in shipped
+    assert not (Path(lowmem_rlhf.__file__).resolve().parents[1] / "profiles").exists()  # moved, not copied
 
 
 def test_profile_round_trips_through_yaml(tmp_path):

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from rich.console import Console
 
-from lowmem_rlhf.doctor import TESTED_RANGES, Check, _fourbit_matmul_ok, _fourbit_probe, render, run_checks
+from lowmem_rlhf.doctor import (
+    STACK,
+    TESTED_RANGES,
+    Check,
+    _fourbit_matmul_ok,
+    _fourbit_probe,
+    check_versions,
+    render,
+    run_checks,
+)
 
 PACKAGES = ["python", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed", "flash-attn"]
+UNTESTED = {"python", "flash-attn"}  # no upper bound: python is open-ended, flash-attn is GPU-only and not in CI
+
+
+def _declared() -> dict[str, SpecifierSet]:
+    """pyproject.toml's ranges: every direct dependency, the zero3 and flash extras, and python."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    reqs = [Requirement(r) for r in project["dependencies"] + extras["zero3"] + extras["flash"]]
+    declared = {canonicalize_name(r.name): r.specifier for r in reqs}
+    declared["python"] = SpecifierSet(project["requires-python"])
+    return declared
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -27,32 +54,65 @@ def _by_name(checks: list[Check]) -> dict[str, Check]:
 
 
 def test_tested_ranges_come_from_pyproject():
-    """The installed metadata and the literal fallback both say what pyproject.toml says."""
-    tomllib = pytest.importorskip("tomllib")
-    from pathlib import Path
-
-    from packaging.requirements import Requirement
-    from packaging.specifiers import SpecifierSet
-
+    """The installed metadata and the literal fallback both say what pyproject.toml says, for every
+    direct dependency (a stale install fails here: reinstall with `pip install -e .`)."""
     from lowmem_rlhf.doctor import _FALLBACK_RANGES
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["flash"]]
-    declared = {r.name: r.specifier for r in reqs if r.name in PACKAGES}
-    declared["python"] = SpecifierSet(project["requires-python"])
-    assert set(TESTED_RANGES) == set(PACKAGES) == set(declared)
-    for pkg in PACKAGES:
-        assert SpecifierSet(TESTED_RANGES[pkg]) == declared[pkg], pkg
-        assert SpecifierSet(_FALLBACK_RANGES[pkg]) == declared[pkg], pkg
+    declared = _declared()
+    assert set(PACKAGES) <= set(declared) and tuple(PACKAGES) == STACK
+    assert set(TESTED_RANGES) == set(declared) == set(_FALLBACK_RANGES)
+    assert list(TESTED_RANGES)[: len(STACK)] == list(STACK)  # the training stack is shown first
+    for pkg, spec in declared.items():
+        assert SpecifierSet(TESTED_RANGES[pkg]) == spec, pkg
+        assert SpecifierSet(_FALLBACK_RANGES[pkg]) == spec, pkg
+
+
+def test_every_dependency_has_the_tested_upper_bound():
+    """Each range stops at the next minor above the version this suite runs with: nothing untested is
+    accepted, and the installed stack is inside every range."""
+    for pkg, spec in _declared().items():
+        if pkg in UNTESTED:
+            continue
+        uppers = [Version(s.version) for s in spec if s.operator == "<"]
+        assert len(uppers) == 1, f"{pkg}{spec}: needs one '<' upper bound"
+        try:
+            have = Version(importlib.metadata.version(pkg))
+        except importlib.metadata.PackageNotFoundError:
+            assert pkg == "deepspeed", f"{pkg} is a required dependency and is not installed"
+            continue
+        assert spec.contains(have, prereleases=True), f"installed {pkg} {have} is outside {spec}"
+        next_minor = Version(f"{have.major}.{have.minor + 1}")
+        assert uppers[0] <= next_minor, f"{pkg}{spec} accepts versions newer than the tested {have}"
+
+
+def test_a_version_outside_its_range_is_reported_for_any_dependency():
+    """Not only the training stack: typer (whose 0.29 vendored click) is checked the same way."""
+    have = importlib.metadata.version("typer")
+    (line,) = check_versions({"typer": f"<{have}"})
+    assert line.status == "WARN" and f"{have}, outside the tested range <{have}" in line.detail
+    assert '"typer<' in line.fix and "pip install torch==" in line.fix
+
+
+def test_deepspeed_is_optional(monkeypatch):
+    """Without deepspeed (the zero3 extra) the doctor says OK and how to add it, never FAIL."""
+    import lowmem_rlhf.doctor as doctor
+    from lowmem_rlhf.config import ZERO3_INSTALL
+
+    real = doctor._installed
+    monkeypatch.setattr(doctor, "_installed", lambda dist: None if dist == "deepspeed" else real(dist))
+    (line,) = check_versions({"deepspeed": TESTED_RANGES["deepspeed"]})
+    assert line.status == "OK" and "not installed" in line.detail and ZERO3_INSTALL in line.detail
+    (line,) = check_versions({"deepspeed": "<0.1"})
+    assert line.status == "OK"  # the range does not matter when it is absent
 
 
 def test_this_machine_is_ready(checks):
     by = _by_name(checks)
     assert [c for c in checks if c.status == "FAIL"] == []
     assert all(c.status in ("OK", "WARN", "FAIL") for c in checks)
-    for pkg in PACKAGES:
+    for pkg in TESTED_RANGES:
         assert pkg in by, pkg
-    for pkg in PACKAGES[:-1]:
+    for pkg in TESTED_RANGES:  # every direct dependency is installed inside its tested range
         assert by[pkg].status == "OK", by[pkg]
     assert by["flash-attn"].status == "OK"  # installed in range, or "optional, GPU-only"
     assert by["4-bit (bitsandbytes)"].status == "OK", by["4-bit (bitsandbytes)"]
@@ -118,9 +178,9 @@ def test_fourbit_check_catches_pitfall1_without_the_guard(monkeypatch):
 
     if torch.cuda.is_available() or not _has_avx512_bf16():
         pytest.skip("the repack only happens on CPUs with avx512_bf16")
-    import lowmem_rlhf.loading
+    import lowmem_rlhf.model.loading
 
-    monkeypatch.setattr(lowmem_rlhf.loading, "guard_bnb_cpu_repack", lambda model: 0)
+    monkeypatch.setattr(lowmem_rlhf.model.loading, "guard_bnb_cpu_repack", lambda model: 0)
     ok, detail = _fourbit_probe()
     assert not ok and "pitfall #1" in detail
 

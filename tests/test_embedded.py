@@ -1,4 +1,4 @@
-"""Tests for lowmem_rlhf.embedded (the embedded SmolLM2-135M-Instruct default model).
+"""Tests for lowmem_rlhf.model.embedded (the embedded SmolLM2-135M-Instruct default model).
 
 Cache policy, on purpose:
 
@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from lowmem_rlhf.embedded import (
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.embedded import (
     DEFAULT_MODEL,
     FOLDER_NAME,
     SOURCE_RECORD,
@@ -42,7 +44,6 @@ from lowmem_rlhf.embedded import (
     load_default_config_dict,
     resolve_model_path,
 )
-from lowmem_rlhf.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "Write one sentence about the ocean."}]
@@ -312,7 +313,7 @@ def test_killed_conversion_leaves_no_complete_folder(isolated_cache, monkeypatch
     # writing the model into its temp dir (config.json is written before the weights).
     env = {**os.environ, "LOWMEM_RLHF_CACHE": str(isolated_cache)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from lowmem_rlhf.embedded import ensure_default_model as e; e(progress=False)"],
+        [sys.executable, "-c", "from lowmem_rlhf.model.embedded import ensure_default_model as e; e(progress=False)"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -374,10 +375,23 @@ def test_second_call_is_fast_and_does_not_reconvert(isolated_cache, monkeypatch,
     env = {**os.environ, "LOWMEM_RLHF_CACHE": str(isolated_cache)}
     code = (
         "import sys\n"
-        "from lowmem_rlhf.embedded import ensure_default_model\n"
+        "from lowmem_rlhf.model.embedded import ensure_default_model\n"
         "print(ensure_default_model()); print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(first), "False"]
     assert out.stderr == ""
+
+
+@pytest.mark.slow
+def test_conversion_leaves_the_callers_random_state_alone(tmp_path):
+    """Building the model during the one-time conversion draws random initial weights; a run that
+    converts first must train exactly like one that finds the cache (same RNG afterwards)."""
+    from lowmem_rlhf.model.embedded import _convert
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    _convert(gguf_path(), tmp_path / "converted", progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (tmp_path / "converted" / "config.json").exists()

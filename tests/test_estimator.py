@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 
 from lowmem_rlhf.config import Profile, Shape
-from lowmem_rlhf.estimator import (CUDA_CONTEXT_BYTES, GIB, estimate, kv_cache_bytes,
-                                   optimizer_bytes, quantized_weight_bytes)
-from lowmem_rlhf.model_spec import load_spec
+from lowmem_rlhf.plan.estimator import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    estimate,
+    kv_cache_bytes,
+    optimizer_bytes,
+    quantized_weight_bytes,
+)
+from lowmem_rlhf.plan.model_spec import load_spec
 
 N = 4096 * 4096
 

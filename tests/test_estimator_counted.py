@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from lowmem_rlhf.config import Profile, Shape
-from lowmem_rlhf.validation import compare
+from lowmem_rlhf.measure.validation import compare
 
 EXACT = ("weights", "adapters", "gradients", "optimizer", "kv_cache")
 

@@ -1,4 +1,4 @@
-"""Tests for lowmem_rlhf.hardware: presets, aliases, overrides and real detection (no mocks)."""
+"""Tests for lowmem_rlhf.plan.hardware: presets, aliases, overrides and real detection (no mocks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.hardware import (
+from lowmem_rlhf.plan.hardware import (
     GIB,
     GPU_PRESETS,
     GpuInfo,

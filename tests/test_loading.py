@@ -7,7 +7,7 @@ import torch
 
 from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.loading import load_model, lora_target_names, output_layer
+from lowmem_rlhf.model.loading import load_model, lora_target_names, output_layer
 
 
 @pytest.mark.parametrize("profile", ["qlora-shared", "lora-bf16-shared"])
@@ -38,7 +38,7 @@ def test_output_layer_not_named_lm_head(tiny_glm):
     name, mod = output_layer(loaded.model)
     assert name == "output_layer" and "lm_head" not in dict(loaded.model.named_modules())
     assert loaded.spec.output_layer == "output_layer"
-    from lowmem_rlhf.adapters import SharedBase
+    from lowmem_rlhf.model.adapters import SharedBase
 
     eng = SharedBase(loaded, load_profile("qlora-shared"))
     eng.add_adapter("sft")
@@ -50,7 +50,7 @@ def test_output_layer_not_named_lm_head(tiny_glm):
 def test_bad_model_folders(tmp_path, tiny_llama):
     with pytest.raises(UserError, match="no config.json"):
         load_model(str(tmp_path), load_profile("qlora-shared"))
-    from lowmem_rlhf.random_models import byte_tokenizer
+    from lowmem_rlhf.model.random_models import byte_tokenizer
 
     byte_tokenizer().save_pretrained(str(tmp_path))
     with pytest.raises(UserError, match="a tokenizer but no config.json"):
@@ -65,7 +65,7 @@ def test_bad_model_folders(tmp_path, tiny_llama):
 def test_remote_code_runs_only_with_the_flag(tiny_glm, capsys):
     """Planning a stage for a custom-code model: refused with the flag named, built with it."""
     from lowmem_rlhf.cli import main
-    from lowmem_rlhf.model_spec import load_spec
+    from lowmem_rlhf.plan.model_spec import load_spec
 
     with pytest.raises(UserError, match="pass --trust-remote-code to run it"):
         load_spec(str(tiny_glm))

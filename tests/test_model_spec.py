@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.model_spec import load_spec, spec_from_config
+from lowmem_rlhf.plan.model_spec import load_spec, spec_from_config
 
 # Parameter totals of the published checkpoints (sum of numel over their safetensors).
 PUBLISHED = {
@@ -71,7 +71,7 @@ def test_renamed_output_layer_found_by_inspection(tiny_llama):
                       vocab_size=100, tie_word_embeddings=False)
     with torch.device("meta"):
         model = RenamedHead(cfg)
-    from lowmem_rlhf.model_spec import find_decoder_layers, inspect_layer_linears
+    from lowmem_rlhf.plan.model_spec import find_decoder_layers, inspect_layer_linears
 
     layers = find_decoder_layers(model)
     assert len(layers) == 2

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from lowmem_rlhf.config import Shape, load_all_profiles
-from lowmem_rlhf.estimator import GIB
-from lowmem_rlhf.hardware import resolve_hardware
-from lowmem_rlhf.model_spec import load_spec
-from lowmem_rlhf.planner import SAFETY_MARGIN, advice, plan
+from lowmem_rlhf.plan.estimator import GIB
+from lowmem_rlhf.plan.hardware import resolve_hardware
+from lowmem_rlhf.plan.model_spec import load_spec
+from lowmem_rlhf.plan.planner import SAFETY_MARGIN, advice, plan
 
 
 def _plan(model, stages=("sft", "rm", "ppo"), shape=None, **hw):
@@ -47,7 +47,7 @@ def test_micro_batch_is_lowered_before_giving_up():
     spec, shape = load_spec("llama-2-7b"), Shape(rollout_batch=8, seq_len=2048, batch=16)
     wide = _plan("llama-2-7b", shape=shape, vram_gib=9, stages=("sft",))
     c = wide.chosen
-    assert c is not None and c.profile.micro_batch < 4 and c.profile.grad_accum * c.profile.micro_batch >= 16
+    assert c is not None and c.profile.micro_batch < 4 and c.grad_accum * c.profile.micro_batch >= 16
     del spec
 
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from lowmem_rlhf import ppo_math as M
-from lowmem_rlhf.adapters import SharedBase
-from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.algo import ppo_math as M
+from lowmem_rlhf.algo.experience import response_mask
+from lowmem_rlhf.algo.rewards import python_command
+from lowmem_rlhf.algo.roles import attach_roles
+from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.loading import load_model
-from lowmem_rlhf.ppo import PPOConfig, attach_roles, response_mask, run_ppo
-from lowmem_rlhf.rewards import python_command
-from lowmem_rlhf.rm import RMConfig, run_rm
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.model.loading import load_model
+from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+from lowmem_rlhf.stages.rm import RMConfig, run_rm
 
 ASSETS = Path(__file__).parent / "assets"
 REWARDS = ASSETS / "rewards.py"
@@ -29,7 +32,7 @@ def byte_llama(tmp_path_factory):
     """Tiny Llama whose vocabulary is exactly the byte tokenizer's: every sample decodes to text.
     initializer_range 0.2: at the default 0.02 the final norm and a near-zero output layer cap the
     logits so tightly that adapters in the decoder layers can hardly move the distribution."""
-    from lowmem_rlhf.random_models import save_random, tiny_llama_config
+    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
 
     cfg = tiny_llama_config()
     cfg.vocab_size = 260
@@ -159,7 +162,7 @@ def test_export_reloads_in_plain_transformers(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lowmem_rlhf.cli import main
-    from lowmem_rlhf.sft import SFTConfig, run_sft
+    from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
     prof = replace(load_profile("lora-bf16-shared"), dtype="fp32", lora_r=8, micro_batch=4, learning_rate=1e-2)
     run_sft(SFTConfig(model=str(tiny_llama), data=str(bundled_path("self-instruct-seed-tasks.jsonl")), out=tmp_path,
@@ -206,7 +209,7 @@ def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_
     from lowmem_rlhf.cli import main
 
     run = tmp_path / "run"
-    main(["auto", "--model", str(tiny_llama), "--out", str(run), "--reward", "lowmem_rlhf.demo_task:checker",
+    main(["auto", "--model", str(tiny_llama), "--out", str(run), "--reward", "lowmem_rlhf.algo.demo_task:checker",
           "--seq-len", "64", "--prompt-len", "48", "--response-len", "4", "--sft-steps", "2",
           "--ppo-iterations", "2"])
     out = capsys.readouterr().out

@@ -7,8 +7,19 @@ import math
 import pytest
 import torch
 
-from lowmem_rlhf.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_estimate, masked_mean,
-                                  policy_loss, shaped_rewards, token_entropy, token_logprobs, value_loss, whiten)
+from lowmem_rlhf.algo.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_estimate,
+    masked_mean,
+    policy_loss,
+    shaped_rewards,
+    token_entropy,
+    token_logprobs,
+    value_loss,
+    whiten,
+)
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 1000])

@@ -1,7 +1,7 @@
 """Reliability: a run killed at a random step resumes to the same adapters, bit for bit; SIGTERM
 checkpoints and exits cleanly; an out-of-memory step halves the micro-batch and trains the same
 samples. Real subprocesses, real signals, real `torch.OutOfMemoryError` from the step's
-fault-injection switch (lowmem_rlhf/oom.py)."""
+fault-injection switch (lowmem_rlhf/runtime/oom.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem_rlhf import checkpoint
-from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.oom import FAULT_ENV
-from lowmem_rlhf.runs import partial_dir
-from lowmem_rlhf.sft import SFTConfig, run_sft
+from lowmem_rlhf.runtime import checkpoint
+from lowmem_rlhf.runtime.oom import FAULT_ENV
+from lowmem_rlhf.runtime.runs import partial_dir
+from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
 SEED_TASKS = str(bundled_path("self-instruct-seed-tasks.jsonl"))
 HH = str(bundled_path("hh-rlhf-harmless-base-test-600.jsonl.gz"))
@@ -35,7 +36,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
 
 @pytest.fixture(scope="module")
 def byte_llama(tmp_path_factory):
-    from lowmem_rlhf.random_models import save_random, tiny_llama_config
+    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
 
     cfg = tiny_llama_config()
     cfg.vocab_size = 260
@@ -198,7 +199,7 @@ def test_oom_at_micro_batch_one_names_the_knob_and_leaves_nothing_finished(byte_
 
 
 def test_ppo_oom_in_an_update_is_retried_at_half_the_micro_batch(byte_llama, tmp_path, monkeypatch):
-    from lowmem_rlhf.ppo import PPOConfig, run_ppo
+    from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
 
     monkeypatch.setenv(FAULT_ENV, "ppo:2:2,ppo-generation:3:1")  # an update, then a long-response rollout
     prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, grad_ckpt=False)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_rlhf.alloc_tracker import cpu_allocator_peak
 from lowmem_rlhf.config import Profile, Shape
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.loading import load_model
-from lowmem_rlhf.simulate import build_meta_model, rehearse, simulate
+from lowmem_rlhf.measure.alloc_tracker import cpu_allocator_peak
+from lowmem_rlhf.measure.simulate import build_meta_model, rehearse, simulate
+from lowmem_rlhf.model.loading import load_model
 
 SMALL = Shape(seq_len=64, prompt_len=32, response_len=8, rollout_batch=2)
 
@@ -96,11 +96,11 @@ def test_cli_estimate_and_plan_simulate(capsys):
             assert not e.code, capsys.readouterr()
         return capsys.readouterr().out
 
-    d = json.loads(run(["estimate", "--model", "gpt2", "--stage", "rm", "--batch", "1", "--seq-len", "128",
+    d = json.loads(run(["estimate", "--model", "gpt2", "--stage", "rm", "--micro-batch", "1", "--seq-len", "128",
                         "--simulate", "--json"]))
     ph = d["phases"]["train_step"]
     assert ph["simulated_allocated_gib"] > 0 and abs(ph["drift"]) <= 0.10 and "cuda_context" in d["not_modelled"]
-    text = run(["estimate", "--model", "gpt2", "--stage", "sft", "--batch", "1", "--seq-len", "64", "--simulate"])
+    text = run(["estimate", "--model", "gpt2", "--stage", "sft", "--micro-batch", "1", "--seq-len", "64", "--simulate"])
     assert "simulated" in text and "not modelled" in text
     d = json.loads(run(["plan", "--model", "gpt2", "--gpu", "3090", "--stages", "sft", "--seq-len", "64",
                         "--simulate", "--json"]))

@@ -4,17 +4,18 @@ bad input is one line with no finished-looking output left behind."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lowmem_rlhf.adapters import SharedBase
 from lowmem_rlhf.cli import main
-from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
-from lowmem_rlhf.loading import load_model
-from lowmem_rlhf.rm import RMConfig, run_rm
-from lowmem_rlhf.sft import SFTConfig, run_sft
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.model.loading import load_model
+from lowmem_rlhf.stages.rm import RMConfig, run_rm
+from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
 SEED_TASKS = str(bundled_path("self-instruct-seed-tasks.jsonl"))
 HH = str(bundled_path("hh-rlhf-harmless-base-test-600.jsonl.gz"))

@@ -19,15 +19,16 @@ elementwise bound). With an fp32 base the same comparison agrees to ~1e-6 (scrip
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from safetensors.torch import load_file
 
-from lowmem_rlhf.config import load_profile, replace
+from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.rm import RMConfig, run_rm
-from lowmem_rlhf.sft import SFTConfig, run_sft
+from lowmem_rlhf.stages.rm import RMConfig, run_rm
+from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
 pytestmark = pytest.mark.slow
 SEED_TASKS = str(bundled_path("self-instruct-seed-tasks.jsonl"))

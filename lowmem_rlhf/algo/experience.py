@@ -1,0 +1,202 @@
+"""PPO's experience: sample a rollout with the actor, score it with every role, shape the rewards.
+
+    make_experience(...) -> Experience
+      generation  the actor samples B responses of R tokens (left-padded prompts, KV cache)
+      scoring     reward (reward adapter + head, or a program), reference log-probs (adapters off),
+                  old log-probs + entropy (actor), values (critic); one micro-batch at a time
+      then        per-token KL penalty, shaped rewards, GAE advantages and returns, whitening
+
+The stage (`stages/ppo.py`) and the meta-device simulation (`measure/simulate.py`) both call it;
+only the sampler differs, because `generate` decides on data (EOS, sampling) that meta tensors
+do not have: the simulation passes its own prefill + decode steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from lowmem_rlhf.algo import ppo_math as M
+from lowmem_rlhf.algo.pairwise import last_token_scores
+from lowmem_rlhf.algo.roles import Roles
+from lowmem_rlhf.config import PPOConfig
+from lowmem_rlhf.data import collate_left
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.model.loading import output_layer
+from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
+
+Phase = Callable[[str], ContextManager]
+
+
+@dataclass
+class Rollout:
+    seqs: torch.Tensor  # (B, P + R) left-padded prompt + right-padded response
+    mask: torch.Tensor | None  # (B, P + R) attention mask; None: unpadded rows (the simulation's)
+    response: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R) float, 1 on tokens up to and including the first EOS
+    prompts: list[str]
+    texts: list[str]
+
+    def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sequences, attention mask) of the rows `idx` (a slice or a list of indices)."""
+        return self.seqs[idx], None if self.mask is None else self.mask[idx]
+
+
+@dataclass
+class Experience(Rollout):
+    """A scored rollout: everything the PPO update reads. B rows, R response tokens."""
+
+    logprobs: torch.Tensor | None = None  # (B, R) the actor's log-probs at sampling ("old")
+    ref_logprobs: torch.Tensor | None = None  # (B, R) the reference's (adapters off)
+    values: torch.Tensor | None = None  # (B, R) the critic's
+    entropy: torch.Tensor | None = None  # (B, R) the actor's per-token entropy
+    scores: torch.Tensor | None = None  # (B,) the reward of each response
+    kl: torch.Tensor | None = None  # (B, R) per-token KL estimate, masked
+    rewards: torch.Tensor | None = None  # (B, R) shaped: -kl_coef * kl, + score at the last token
+    advantages: torch.Tensor | None = None  # (B, R) GAE (whitened if asked)
+    returns: torch.Tensor | None = None  # (B, R) advantages + values
+
+    @property
+    def prompt_len(self) -> int:
+        return self.seqs.shape[1] - self.response.shape[1]
+
+    @property
+    def seq_kl(self) -> float:
+        """Mean per-sequence KL to the reference (sum over tokens, mean over rows)."""
+        m = self.response_mask
+        return float(M.masked_mean(self.kl, m) * m.sum() / len(m))
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 on tokens up to and including the first EOS of each row, 0 after it. (B, R) -> (B, R)."""
+    is_eos = (response == eos_id).long()
+    after_first = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_first).float()
+
+
+@torch.no_grad()
+def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
+             top_p: float, greedy: bool = False, prompt_texts: list[str] | None = None) -> Rollout:
+    """Sample responses with whatever adapter is active (or none, inside engine.reference())."""
+    engine.model.eval()
+    batch = collate_left(prompt_ids, tok.pad_token_id)
+    device = engine.loaded.device
+    ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    out = engine.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new, use_cache=True,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+    response = out[:, ids.shape[1]:]
+    if response.shape[1] < max_new:  # every row stopped early: pad to the planned length
+        pad = torch.full((len(out), max_new - response.shape[1]), tok.pad_token_id, device=device, dtype=out.dtype)
+        response = torch.cat([response, pad], 1)
+    rmask = response_mask(response, tok.eos_token_id)
+    seqs = torch.cat([ids, response], 1)
+    mask = torch.cat([am, rmask.long()], 1)
+    texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, rmask)]
+    engine.model.train()
+    return Rollout(seqs, mask, response, rmask, prompt_texts or [], texts)
+
+
+def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
+                       top_p: float, chunk: int, prompt_texts: list[str] | None = None) -> Rollout:
+    """`generate` over chunks of `chunk` prompts, joined into one rollout: each chunk's left-padded
+    prompts are padded further on the left to the longest prompt of all (mask 0 there, positions
+    from the mask, so nothing else changes). (B, P + R) like one batched call."""
+    if chunk >= len(prompt_ids):
+        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts)
+    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p)
+             for i in range(0, len(prompt_ids), chunk)]
+    P = max(r.seqs.shape[1] - max_new for r in parts)
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (P + max_new - t.shape[1], 0), value=value)
+
+    return Rollout(torch.cat([left(r.seqs, tok.pad_token_id) for r in parts]),
+                   torch.cat([left(r.mask, 0) for r in parts]),
+                   torch.cat([r.response for r in parts]), torch.cat([r.response_mask for r in parts]),
+                   prompt_texts or [], [t for r in parts for t in r.texts])
+
+
+def response_hidden(engine: SharedBase, seqs: torch.Tensor, mask: torch.Tensor | None, P: int) -> torch.Tensor:
+    """Hidden states that predict each response token: positions P-1 .. P+R-2, (B, R, H)."""
+    hidden = engine.hidden_states(seqs, mask)
+    return hidden[:, P - 1: -1]
+
+
+def logprobs_of(engine: SharedBase, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, R, H), (B, R) -> (B, R) fp32 log-probs, chunked over the vocabulary."""
+    _, out = output_layer(engine.loaded.model)
+    B, R, H = h.shape
+    lp = M.token_logprobs(h.reshape(B * R, H), out.weight, tokens.reshape(-1), getattr(out, "bias", None))
+    return lp.view(B, R)
+
+
+def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_reward: bool) -> tuple[torch.Tensor, ...]:
+    """Every role's forward over the rollout, `size` rows at a time (eval mode, no grad).
+    -> scores (B,) (zeros when the reward is a program), ref_lp, old_lp, values, entropy (B, R)."""
+    B, R = ro.response.shape
+    P = ro.seqs.shape[1] - R
+    device = ro.seqs.device
+    scores = torch.zeros(B, device=device)
+    ref_lp, old_lp, values, entropy = (torch.zeros(B, R, device=device) for _ in range(4))
+    for s in range(0, B, size):
+        maybe_inject("ppo", iteration, size)
+        sl = slice(s, s + size)
+        seqs, am = ro.rows(sl)
+        if learned_reward:
+            with roles.role("reward") as eng:
+                scores[sl] = last_token_scores(eng, seqs, am)
+        with roles.role("reference") as eng:
+            ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl])
+        with roles.role("actor") as eng:
+            h = response_hidden(eng, seqs, am, P)
+            old_lp[sl] = logprobs_of(eng, h, ro.response[sl])
+            _, outl = output_layer(eng.loaded.model)
+            entropy[sl] = M.token_entropy(h.reshape(-1, h.shape[-1]), outl.weight).view(h.shape[0], R)
+        with roles.role("critic") as eng:
+            values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
+    return scores, ref_lp, old_lp, values, entropy
+
+
+def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConfig, kl_coef: float,
+                    reward_fn: Callable[[list[str], list[str]], list[float]] | None, gen_mb: MicroBatch,
+                    mb: MicroBatch, iteration: int, phase: Phase = lambda name: contextlib.nullcontext()) -> Experience:
+    """One rollout, sampled and scored: generation -> scoring -> KL, shaped rewards, GAE.
+
+    sample(size) -> Rollout samples the batch `size` prompts at a time, with the actor active;
+    gen_mb/mb halve those sizes on out-of-memory. reward_fn(prompts, texts) scores the texts (a
+    program); None: the reward adapter + head. kl_coef: this iteration's KL coefficient.
+    A failing reward_fn raises `RewardError` (the stage skips the iteration)."""
+    with phase("generation"), roles.role("actor"):
+        ro = gen_mb.run(iteration, sample, lambda: None)
+    gc.collect()
+    if ro.seqs.device.type == "cuda":
+        torch.cuda.empty_cache()  # the generation cache is gone before scoring
+    try:
+        with phase("scoring"), torch.no_grad():
+            roles.train(False)
+            program = (torch.tensor(reward_fn(ro.prompts, ro.texts), device=ro.seqs.device, dtype=torch.float32)
+                       if reward_fn is not None else None)
+            scores, ref_lp, old_lp, values, entropy = mb.run(
+                iteration, lambda size: score_rollout(roles, ro, size, iteration, reward_fn is None), lambda: None)
+    finally:
+        roles.train(True)
+    if program is not None:
+        scores = program
+    m = ro.response_mask
+    kl = M.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * m
+    rewards = M.shaped_rewards(scores, kl, m, kl_coef)
+    adv, returns = M.gae(rewards, values, m, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = M.whiten(adv, m)
+    return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, logprobs=old_lp, ref_logprobs=ref_lp,
+                      values=values, entropy=entropy, scores=scores, kl=kl, rewards=rewards, advantages=adv,
+                      returns=returns)
+
+
+__all__ = ["Rollout", "Experience", "make_experience", "score_rollout", "generate", "generate_in_chunks",
+           "response_mask", "response_hidden", "logprobs_of"]

@@ -1,0 +1,197 @@
+"""PPO math, pure tensor functions (no models, no I/O). Shapes: B rollouts, T response tokens,
+N flattened positions, H hidden size, V vocabulary. `mask` is 1.0 on real response tokens.
+
+References: Schulman et al. 2017 (clipped surrogate), Schulman et al. 2016 (GAE), Ziegler et al.
+2019 (KL penalty with an adaptive coefficient), Schulman 2020 "Approximating KL divergence" (k1/k3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+# ---- log-probs without materialising fp32 logits --------------------------------------------------
+def _chunk_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   bias: torch.Tensor | None = None, vocab_chunk: int = 8192) -> torch.Tensor:
+    """log p(target) for hidden (N, H), output weight (V, H), targets (N,) -> (N,) fp32.
+
+    The log-sum-exp runs over vocabulary chunks of `vocab_chunk` columns; under autograd each chunk
+    is checkpointed, so at most one (N, vocab_chunk) fp32 block is alive, forward or backward."""
+    hidden = hidden.to(weight.dtype)
+    lse = None
+    for s in range(0, weight.shape[0], vocab_chunk):
+        w = weight[s: s + vocab_chunk]
+        b = bias[s: s + vocab_chunk] if bias is not None else None
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            part = checkpoint(_chunk_lse, hidden, w, b, use_reentrant=False)
+        else:
+            part = _chunk_lse(hidden, w, b)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    target_logit = (hidden.float() * weight[targets].float()).sum(-1)
+    if bias is not None:
+        target_logit = target_logit + bias[targets].float()
+    return target_logit - lse
+
+
+@torch.no_grad()
+def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  vocab_chunk: int = 8192) -> torch.Tensor:
+    """Entropy of the next-token distribution, hidden (N, H) -> (N,) fp32 (two chunked passes)."""
+    hidden = hidden.to(weight.dtype)
+    lse = None
+    for s in range(0, weight.shape[0], vocab_chunk):
+        part = _chunk_lse(hidden, weight[s: s + vocab_chunk], None if bias is None else bias[s: s + vocab_chunk])
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    expected = torch.zeros_like(lse)
+    for s in range(0, weight.shape[0], vocab_chunk):
+        logits = (hidden @ weight[s: s + vocab_chunk].t()).float()
+        if bias is not None:
+            logits = logits + bias[s: s + vocab_chunk].float()
+        expected += (torch.exp(logits - lse[:, None]) * logits).sum(-1)
+    return lse - expected
+
+
+# ---- masked statistics ------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:  # Bessel's correction where there are 2+ entries (no host sync: meta tensors have no data)
+        n = mask.sum()
+        var = torch.where(n > 1, var * n / (n - 1), var)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over masked entries; with shift_mean=False the mean is kept."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ---- KL penalty -------------------------------------------------------------------------------
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate on sampled tokens, (B, T) -> (B, T).
+
+    k1 = logp - ref (unbiased, can be negative); k3 = (r - 1) - log r with r = p_ref / p
+    (unbiased, always >= 0, lower variance)."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k3":
+        log_r = ref_logp - logp
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl estimator must be k1 or k3, got {kind!r}")
+
+
+class FixedKLController:
+    def __init__(self, coef: float):
+        self.value = coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+
+class AdaptiveKLController:
+    """Ziegler et al.: nudge the coefficient so the observed KL tracks `target`."""
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl on every token, plus the score (B,) on the last
+    response token of each row (found from the mask, never from token ids)."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.cumsum(-1) * mask).argmax(-1)  # index of the last 1 in each row
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+# ---- advantages -------------------------------------------------------------------------------
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T); returns (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t; A_t = delta_t + gamma * lam * A_{t+1}; the value past
+    the last real token is 0 (the episode ends there)."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * m
+        adv[:, t] = last
+        next_value = values[:, t] * m
+    returns = adv + values
+    return adv * mask, returns * mask
+
+
+# ---- losses -----------------------------------------------------------------------------------
+@dataclass
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_frac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2) -> PolicyLoss:
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = p / p_old."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((pg2 > pg1).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 of new vs old
+        ratio_mean = masked_mean(ratio, mask)
+    return PolicyLoss(loss, clip_frac, approx_kl, ratio_mean)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max((v - R)^2, (v_clip - R)^2)); returns (loss, clip fraction)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    l1 = (values - returns) ** 2
+    l2 = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    with torch.no_grad():
+        frac = masked_mean((l2 > l1).float(), mask)
+    return loss, frac
+
+
+__all__ = ["token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate",
+           "FixedKLController", "AdaptiveKLController", "shaped_rewards", "gae", "policy_loss",
+           "value_loss", "PolicyLoss"]

@@ -1,0 +1,223 @@
+"""Pick the profile in which every stage fits, before any weight is loaded.
+
+Profiles are tried in rank order (fidelity first, then speed). For each, the micro-batch is halved
+from the profile's value down to 1 (gradient accumulation rises so the effective batch stays) until
+every requested stage fits the budget with a safety margin; a profile with checkpointing is first
+tried without it, since recomputation costs a third more compute. The first profile that fits is chosen;
+every rejected one keeps the reason and by how much it missed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lowmem_rlhf.config import STAGES, Profile, Shape, deepspeed_missing
+from lowmem_rlhf.errors import NoFit, UserError
+from lowmem_rlhf.plan.estimator import GIB, ZERO3_PPO_REASON, Estimate, estimate
+from lowmem_rlhf.plan.hardware import Hardware
+from lowmem_rlhf.plan.model_spec import ModelSpec
+
+SAFETY_MARGIN = 0.05  # keep 5% of the budget free: fragmentation spikes, other processes
+
+
+@dataclass
+class Candidate:
+    profile: Profile  # resolved: micro_batch / grad_ckpt / dtype as the planner set them
+    estimates: dict[str, Estimate]
+    fits: bool
+    reason: str  # why it fits or does not
+    short_bytes: int = 0  # how much the worst stage misses by (0 when it fits)
+    grad_accum: int = 1  # micro-batches per optimizer step for the shape's effective batch (the stages derive it too)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile.name,
+            "fits": self.fits,
+            "reason": self.reason,
+            "short_gib": self.short_bytes / GIB,
+            "micro_batch": self.profile.micro_batch,
+            "grad_accum": self.grad_accum,
+            "stages": {s: e.to_dict() for s, e in self.estimates.items()},
+        }
+
+
+@dataclass
+class Plan:
+    hardware: Hardware
+    spec: ModelSpec
+    shape: Shape
+    stages: tuple[str, ...]
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.fits), None)
+
+    @property
+    def target(self) -> str:
+        return self.hardware.device
+
+    def budget(self) -> tuple[int, str]:
+        return budget_bytes(self.hardware)
+
+    def to_dict(self) -> dict[str, Any]:
+        chosen = self.chosen
+        return {
+            "hardware": self.hardware.to_dict(),
+            "model": self.spec.name,
+            "model_params": self.spec.total_params,
+            "shape": self.shape.to_dict(),
+            "stages": list(self.stages),
+            "budget_gib": self.budget()[0] / GIB,
+            "chosen": chosen.to_dict() if chosen else None,
+            "chosen_profile": chosen.profile.to_dict() if chosen else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "advice": None if chosen else advice(self),
+        }
+
+
+def budget_bytes(hw: Hardware) -> tuple[int, str]:
+    """(bytes available to the stage, what they are) for the planning target."""
+    if hw.gpu is not None:
+        return hw.gpu.free_bytes, f"{hw.gpu.name} VRAM"
+    return hw.cpu_ram_free_bytes, "CPU RAM"
+
+
+def adapt_to_hardware(profile: Profile, hw: Hardware) -> tuple[Profile | None, str]:
+    """The profile as it must run on this hardware, or None with the reason it cannot."""
+    if profile.offload == "zero3" and hw.gpu is None:
+        return None, "ZeRO-3 offload needs a CUDA GPU"
+    if profile.offload == "zero3" and (missing := deepspeed_missing()):
+        return None, missing
+    if hw.gpu is not None and profile.dtype == "bf16" and not hw.gpu.bf16:
+        if profile.lora_r == 0:
+            return None, f"{hw.gpu.name} has no bf16 and pure fp16 full fine-tuning diverges"
+        return replace(profile, dtype="fp16"), "fp16 compute (no bf16 on this GPU)"
+    return profile, ""
+
+
+def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages) -> Candidate:
+    target = hw.device
+    budget, what = budget_bytes(hw)
+    usable = int(budget * (1 - SAFETY_MARGIN))
+    ests = {s: estimate(spec, profile, s, shape, target=target) for s in stages}
+    worst_stage, worst_short = None, 0
+    for s, e in ests.items():
+        need = e.device if target == "cuda" else e.cpu_ram
+        if need - usable > worst_short:
+            worst_stage, worst_short = s, need - usable
+    # host RAM must also hold what lives there (offloaded weights, the process)
+    ram_usable = int(hw.cpu_ram_free_bytes * (1 - SAFETY_MARGIN))
+    if target == "cuda":
+        ram_need = max(e.cpu_ram for e in ests.values())
+        if ram_need > ram_usable and ram_need - ram_usable > worst_short:
+            return Candidate(profile, ests, False,
+                             f"needs {ram_need / GIB:.1f} GiB of CPU RAM, {ram_usable / GIB:.1f} GiB usable",
+                             ram_need - ram_usable)
+    if worst_stage is not None:
+        e = ests[worst_stage]
+        need = e.device if target == "cuda" else e.cpu_ram
+        return Candidate(profile, ests, False,
+                         f"{worst_stage.upper()} needs {need / GIB:.1f} GiB in {e.peak.name} > "
+                         f"{usable / GIB:.1f} GiB usable", worst_short)
+    return Candidate(profile, ests, True, "fits")
+
+
+def _halvings(mb: int) -> list[int]:
+    out = [mb]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
+         stages: tuple[str, ...] = STAGES) -> Plan:
+    """Try every profile (in rank order) at decreasing micro-batch; keep every verdict."""
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of sft, rm, ppo")
+    result = Plan(hw, spec, shape, tuple(stages))
+    for base in sorted(profiles, key=lambda p: (p.rank, p.name)):
+        prof, note = adapt_to_hardware(base, hw)
+        if prof is None:
+            result.candidates.append(Candidate(base, {}, False, note, 0))
+            continue
+        if prof.offload == "zero3" and "ppo" in stages:
+            result.candidates.append(Candidate(
+                prof, {}, False, f"{ZERO3_PPO_REASON}; plan SFT/RM with --stages sft,rm", 0))
+            continue
+        best = None
+        mb0 = max(1, min(prof.micro_batch, shape.batch))
+        # fastest first: no recomputation if it fits, then checkpointing at halving micro-batches
+        trials = [(False, mb0)] if prof.grad_ckpt else []
+        trials += [(prof.grad_ckpt, mb) for mb in _halvings(mb0)]
+        for ckpt, mb in trials:
+            cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt)
+            cand = _evaluate(spec, cand_prof, shape, hw, stages)
+            cand.grad_accum = math.ceil(shape.batch / mb)
+            best = cand
+            if cand.fits:
+                if not ckpt and prof.grad_ckpt:
+                    cand.reason = "fits without gradient checkpointing (faster)"
+                elif mb < prof.micro_batch:
+                    cand.reason = f"fits at micro-batch {mb} x {cand.grad_accum} accumulation"
+                if note:
+                    cand.reason += f"; {note}"
+                break
+        if not best.fits:
+            best.reason += ", even at micro-batch 1"
+        result.candidates.append(best)
+        if best.fits:
+            break
+    return result
+
+
+def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
+    """Profiles the training stages of this version execute: LoRA adapters, on a shared base or
+    under ZeRO-3 offload (SFT and RM only; the planner refuses it for PPO). full-bf16 is
+    estimated and planned, not run."""
+    return [p for p in profiles if p.is_lora]
+
+
+def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
+                   stages: tuple[str, ...]) -> Candidate:
+    """The planner's pick among runnable profiles, or a one-line NoFit error with advice."""
+    p = plan(spec, hw, shape, runnable_profiles(profiles), stages)
+    if p.chosen is None:
+        raise no_fit(p)
+    return p.chosen
+
+
+def no_fit(p: Plan) -> NoFit:
+    """The one-line error (exit code 1) for a plan where nothing fits, naming the knob to change."""
+    budget, what = p.budget()
+    return NoFit(f"no profile fits {p.spec.name} ({', '.join(p.stages)}) in {budget / GIB:.2f} GiB of {what}: "
+                 f"{advice(p)}")
+
+
+def advice(p: Plan) -> str:
+    """What to change when nothing fits: the knob that closes the gap, with figures."""
+    tried = [c for c in p.candidates if c.estimates]
+    if not tried:
+        return "no profile applies to this hardware"
+    best = min(tried, key=lambda c: c.short_bytes)
+    budget, what = p.budget()
+    s = p.shape
+    worst = max(best.estimates.items(), key=lambda kv: kv[1].device if p.target == "cuda" else kv[1].cpu_ram)
+    stage, est = worst
+    weights = est.components.get("weights", 0)
+    parts = [f"closest is {best.profile.name}, {best.short_bytes / GIB:.1f} GiB short ({best.reason})"]
+    if weights > budget * (1 - SAFETY_MARGIN):
+        parts.append(f"its weights alone take {weights / GIB:.1f} GiB of {budget / GIB:.1f} GiB {what}: "
+                     "use a smaller model or a GPU with more memory (--gpu / --vram)")
+    elif stage == "ppo":
+        parts.append(f"lower --response-len (now {s.response_len}), --prompt-len ({s.prompt_len}) or "
+                     f"--rollout-batch ({s.rollout_batch}), or use a GPU with more memory")
+    else:
+        parts.append(f"lower --seq-len (now {s.seq_len}) or use a GPU with more memory")
+    return "; ".join(parts)
+
+
+__all__ = ["Plan", "Candidate", "plan", "advice", "no_fit", "choose_profile", "runnable_profiles", "budget_bytes", "SAFETY_MARGIN"]

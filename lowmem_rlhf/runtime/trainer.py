@@ -1,0 +1,73 @@
+"""The optimizer side of a single-adapter stage (SFT, RM) behind one small interface, so a stage's
+loop reads the same with plain torch and with DeepSpeed ZeRO-3 offload:
+
+    trainer.forward(fn, *args)   run a loss helper (through the DeepSpeed engine under ZeRO-3)
+    trainer.backward(loss)       one micro-batch, while the adapter is active
+    trainer.step()               clip 1.0 + AdamW + warmup-cosine; returns {"grad_norm", "lr"}
+    trainer.reset()              drop a partial step's gradients (out of memory mid-step)
+    trainer.save_adapter(...)    PEFT layout (gathered first under ZeRO-3)
+    trainer.offloaded_bytes()    host bytes DeepSpeed holds (ZeRO-3 only; measure.report reads it)
+    trainer.checkpoint_parts()   what `checkpoint.capture/restore` needs (None: not resumable)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf.config import Profile
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.runtime.optim import make_optimizer, optimizer_step, warmup_cosine
+
+
+class PlainTrainer:
+    """torch (or bitsandbytes 8-bit/paged) AdamW on the adapter's parameters."""
+
+    resumable = True  # checkpoints hold its optimizer/scheduler states
+    elastic = True  # the micro-batch may change between steps (OOM recovery)
+
+    def __init__(self, shared: SharedBase, adapter: str, profile: Profile, lr: float, total_steps: int,
+                 warmup_steps: int):
+        self.shared, self.adapter = shared, adapter
+        self.device = shared.loaded.device
+        self.optimizer = make_optimizer(shared.parameters_of(adapter), profile.optimizer, lr, device=self.device)
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.shared.backward(loss)
+
+    def step(self) -> dict:
+        norm = optimizer_step(self.optimizer, self.shared.parameters_of(self.adapter), self.scheduler)
+        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+
+    def reset(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.shared.abandon()
+
+    def save_adapter(self, out_dir: Path, extra_meta: dict | None = None) -> Path:
+        return self.shared.save_adapter(self.adapter, out_dir, extra_meta=extra_meta)
+
+    def checkpoint_parts(self) -> dict:
+        return dict(models={self.adapter: (self.shared.model, self.shared.owns(self.adapter))},
+                    optimizers={self.adapter: self.optimizer}, schedulers={self.adapter: self.scheduler})
+
+
+
+def make_trainer(shared: SharedBase, adapter: str, profile: Profile, lr: float, total_steps: int,
+                 micro_batch: int, grad_accum: int):
+    """PlainTrainer, or Zero3Trainer for the zero3-offload profile (one process, params and
+    optimizer in CPU RAM)."""
+    warmup = min(10, total_steps // 10)
+    if profile.offload == "zero3":
+        from lowmem_rlhf.runtime.zero3 import Zero3Trainer
+
+        return Zero3Trainer(shared, adapter, lr=lr, total_steps=total_steps, warmup_steps=warmup,
+                            micro_batch=micro_batch, grad_accum=grad_accum)
+    return PlainTrainer(shared, adapter, profile, lr, total_steps, warmup)
+
+
+__all__ = ["PlainTrainer", "make_trainer"]

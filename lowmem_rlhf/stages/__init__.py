@@ -1,0 +1,1 @@
+"""The stages, each one scaffold (stages/scaffold.py) plus its step functions: sft, rm, ppo, and auto, which chains them."""

@@ -1,0 +1,96 @@
+"""`lowmem-rlhf auto`: plan, then SFT -> RM -> PPO into one run folder, each stage starting from
+the last. With no model and no data: the embedded default (SmolLM2-135M-Instruct) on the bundled
+demo task (lowmem_rlhf/algo/demo_task.py), scored by its checker on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lowmem_rlhf.config import AutoConfig, Profile, dataclass_from_dict
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.runtime.runs import (
+    ensure_writable,
+    has_checkpoint,
+    is_complete,
+    write_json,
+)
+from lowmem_rlhf.runtime.stopping import Interrupted
+from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+from lowmem_rlhf.stages.rm import RMConfig, run_rm
+from lowmem_rlhf.stages.sft import SFTConfig, run_sft
+
+AUTO_CONFIG = "auto.json"
+
+
+def save_auto_config(cfg: AutoConfig, run: Path) -> None:
+    write_json(run / AUTO_CONFIG, {**asdict(cfg), "profile": cfg.profile.to_dict()})
+
+
+def load_auto_config(run: Path) -> AutoConfig:
+    """The settings an `auto` run was started with (RUN/auto.json), for `auto --resume RUN`."""
+    path = Path(run) / AUTO_CONFIG
+    if not path.exists():
+        raise UserError(f"--resume {run}: no {AUTO_CONFIG} there; pass a folder that `lowmem-rlhf auto` created")
+    d = json.loads(path.read_text())
+    d["profile"] = dataclass_from_dict(Profile, d["profile"], str(path))
+    d["out"] = Path(d["out"])
+    return dataclass_from_dict(AutoConfig, d, str(path))
+
+
+def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = False) -> dict:
+    """SFT -> RM -> PPO. With resume: finished stages are kept, the one in progress continues from
+    its newest checkpoint, the rest start fresh."""
+    t0 = time.time()
+    run = Path(cfg.out)
+    ensure_writable(run)
+    if not resume:
+        write_json(run / "plan.json", plan_dict)
+        save_auto_config(cfg, run)
+    common = dict(model=cfg.model, out=run, profile=cfg.profile, seed=cfg.seed,
+                  trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+
+    def stage(name: str, title: str, fn, stage_cfg):
+        if resume and is_complete(run / name):
+            console.print(f"[bold]{title}[/bold]: finished earlier, kept ({run / name})")
+            return json.loads((run / name / "summary.json").read_text())
+        stage_cfg.resume = resume and has_checkpoint(run, name)
+        console.print(f"[bold]{title}[/bold]" + (" (resuming)" if stage_cfg.resume else ""))
+        try:
+            return fn(stage_cfg, console=console)
+        except Interrupted as e:
+            raise Interrupted(str(e).replace("run the same command with --resume",
+                                             f"run `lowmem-rlhf auto --resume {run}`")) from None
+
+    sft = stage("sft", f"1/3 SFT on {cfg.sft_data}", run_sft,
+                SFTConfig(data=cfg.sft_data, max_len=cfg.seq_len, batch=cfg.sft_batch, max_steps=cfg.sft_steps,
+                          **common))
+    rm = None
+    if not (cfg.reward or cfg.reward_cmd):
+        rm = stage("rm", f"2/3 reward model on {cfg.pairs}", run_rm,
+                   RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.seq_len, batch=cfg.rm_batch,
+                            max_steps=cfg.rm_steps, eval_fraction=0.2, **common))
+    else:
+        console.print("2/3 reward model skipped: the reward is a program")
+    ppo = stage("ppo", f"3/3 PPO on {cfg.prompts}", run_ppo,
+                PPOConfig(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
+                          reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
+                          ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+                          rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len,
+                          response_len=cfg.response_len, eval_prompts=cfg.heldout,
+                          eval_reward=cfg.eval_reward, **common))
+    summary = {
+        "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,
+        "sft": {"eval_loss_before": sft["eval_loss_before"], "eval_loss_after": sft["eval_loss_after"]},
+        "rm": None if rm is None else {"heldout_accuracy_before": (rm["eval_before"] or {}).get("accuracy"),
+                                       "heldout_accuracy": (rm["eval_after"] or {}).get("accuracy")},
+        "heldout_checker_sft": (ppo["heldout_before"] or {}).get("score"),
+        "heldout_checker_ppo": (ppo["heldout_after"] or {}).get("score"),
+        "ppo_reward_first5": ppo["reward_first5"], "ppo_reward_last5": ppo["reward_last5"],
+        "plot": str(run / "ppo" / "ppo.png"),
+    }
+    write_json(run / "summary.json", summary)
+    return summary

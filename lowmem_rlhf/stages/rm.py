@@ -1,0 +1,108 @@
+"""Stage 2, reward model: a `reward` LoRA adapter + scalar head on the (SFT-merged) shared base.
+
+Pairwise loss -log sigmoid(r_chosen - r_rejected) (`algo.pairwise`); accuracy and margin are
+measured on a held-out split before and after training. The scaffold is `stages/scaffold.py`.
+
+The SFT adapter is *merged* into the base before the reward adapter is added (`--init-from`):
+every later role (reward, critic, actor, and the reference = adapters off) then shares one base
+that already is the SFT policy, so the PPO reference is the SFT model, as PPO requires, and no
+forward pays for two stacked adapters.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lowmem_rlhf import data as D
+from lowmem_rlhf.algo.pairwise import evaluate_pairs, pair_loss, pair_scores
+from lowmem_rlhf.config import RMConfig, Shape
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.measure.report import trainer_counts
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.runtime.oom import maybe_inject
+from lowmem_rlhf.runtime.runs import finished_adapter
+from lowmem_rlhf.runtime.trainer import make_trainer
+from lowmem_rlhf.stages.scaffold import Stage
+
+
+def sft_adapter_of(init_from) -> list:
+    """The SFT adapter folder to merge, validated; [] when there is none."""
+    return [finished_adapter(init_from, "--init-from", "SFT", "RUN/sft")] if init_from is not None else []
+
+
+def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    pairs = D.to_pairs(D.load_records(cfg.data), cfg.data)
+    if cfg.max_pairs:
+        pairs = pairs[: cfg.max_pairs]
+    tokenized = [t for t in (D.tokenize_pair(p, tokenizer, cfg.max_len) for p in pairs) if t is not None]
+    if len(tokenized) < 2:
+        raise UserError(f"{cfg.data}: {len(tokenized)} usable pair(s) within --max-len {cfg.max_len}; need at least 2")
+    return D.split_train_eval(tokenized, cfg.eval_fraction, cfg.seed)
+
+
+def run_rm(cfg: RMConfig, console=None) -> dict:
+    prof = cfg.profile
+    merged = sft_adapter_of(cfg.init_from)
+    with Stage(cfg, "rm", "RM", console) as st:
+        # ---- setup ----------------------------------------------------------------------------
+        loaded = st.load(context=(cfg.max_len, "--max-len"), merged=merged)
+        tok = loaded.tokenizer
+        train, held = prepare_pairs(cfg, tok)
+        engine = SharedBase(loaded, prof, seed=cfg.seed)
+        engine.add_adapter("reward", with_head=True)
+        engine.model.train()
+        mb = st.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
+        trainer = make_trainer(engine, "reward", prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
+                               cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
+        mb.elastic = trainer.elastic
+        device = trainer.device
+        st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
+        sampler = D.EpochSampler(len(train), cfg.seed)
+        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
+        state = st.resume({"losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size}, parts)
+        mb.size = state["micro_batch"]
+        if st.resumed is None and held:
+            state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)
+
+        # ---- loop -----------------------------------------------------------------------------
+        losses, accs = state["losses"], state["accs"]
+        for step in st.steps(cfg.max_steps):
+            rows = [train[i] for i in sampler.draw(cfg.batch)]
+
+            def accumulate(size: int) -> tuple[float, int]:
+                total, correct = 0.0, 0
+                for i in range(0, len(rows), size):
+                    maybe_inject("rm", step + 1, size)
+                    chunk = rows[i: i + size]
+                    rc, rr = trainer.forward(pair_scores, engine, [r["chosen_ids"] for r in chunk],
+                                             [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
+                    loss = pair_loss(rc, rr)
+                    trainer.backward(loss / len(rows))
+                    total += float(loss.detach())
+                    correct += int((rc > rr).sum())
+                return total, correct
+
+            with st.meter.phase("train_step"):
+                step_loss, correct = mb.run(step + 1, accumulate, trainer.reset)
+                stats = trainer.step()
+            losses.append(step_loss / len(rows))
+            accs.append(correct / len(rows))
+            state["micro_batch"] = mb.size
+            st.log(postfix={"loss": losses[-1], "acc": accs[-1]}, step=step + 1, loss=losses[-1], accuracy=accs[-1],
+                   lr=stats["lr"], grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=st.step_seconds,
+                   **{f"peak_{k}": v for k, v in st.meter.read().items()})
+        after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None
+
+        # ---- save -----------------------------------------------------------------------------
+        trainer.save_adapter(st.out / "adapter", extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
+        return st.finish({
+            "steps": cfg.max_steps, "merged_sft": [str(p) for p in merged], "train_pairs": len(train),
+            "eval_pairs": len(held), "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+            "train_accuracy_last5": sum(accs[-5:]) / len(accs[-5:]),
+            "eval_before": state["eval_before"], "eval_after": after, "micro_batch": mb.size, "oom_events": mb.events,
+        }, trainer_counts(trainer))
+
+
+__all__ = ["RMConfig", "run_rm", "pair_scores", "evaluate_pairs", "sft_adapter_of"]

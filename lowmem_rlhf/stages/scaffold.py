@@ -1,0 +1,144 @@
+"""The one scaffold every training stage runs in: setup -> loop -> save.
+
+    with Stage(cfg, "sft", "SFT", console) as st:      # seed, RUN/.sft.partial, Ctrl-C/SIGTERM, --resume check
+        loaded = st.load(context=(cfg.max_len, "--max-len"))
+        ... the stage's own setup: data, adapters, optimizer ...
+        st.plan(loaded, shape)                         # estimate, config.json + profile.yaml, memory meter
+        mb = st.micro_batch(cfg.batch, knob="--max-len")   # halved on OOM, capped by what RUN/oom.jsonl learned
+        state = st.resume({"step": 0, ...}, parts)     # restored from the newest checkpoint with --resume
+        for step in st.steps(cfg.max_steps):           # progress, checkpoints, stop at a step boundary
+            ... one step ...; st.log(...)
+        return st.finish({...}, counted)               # summary.json with estimated vs measured memory
+
+A stage is this scaffold plus its step functions (`algo/`). The folder is renamed to RUN/<stage>
+only when `finish` has run and the block exits cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lowmem_rlhf.config import Shape, StageConfig
+from lowmem_rlhf.measure.memory import MemoryMeter
+from lowmem_rlhf.measure.report import memory_report
+from lowmem_rlhf.model.loading import LoadedModel, load_model
+from lowmem_rlhf.plan.estimator import Estimate, estimate
+from lowmem_rlhf.runtime import checkpoint
+from lowmem_rlhf.runtime.oom import MicroBatch, learned_cap
+from lowmem_rlhf.runtime.runs import (
+    MetricsWriter,
+    check_resume_config,
+    progress_bar,
+    stage_dir,
+    write_json,
+    write_stage_config,
+)
+from lowmem_rlhf.runtime.stopping import StopOnSignal
+
+
+class Stage:
+    """Owns the chain every stage shares: stage_dir -> StopOnSignal -> resume check -> load ->
+    estimate -> config -> MemoryMeter -> MicroBatch -> checkpoint resume -> MetricsWriter ->
+    progress and checkpoints per step -> summary."""
+
+    def __init__(self, cfg: StageConfig, name: str, title: str, console=None, step_key: str = "step"):
+        self.cfg, self.name, self.title, self.key = cfg, name, title, step_key
+        self.profile = cfg.profile
+        self.say = console.print if console else print
+        self.merged: list[Path] = []
+        self.parts: dict | None = None
+        self.state: dict[str, Any] = {}
+        self.resumed: Path | None = None
+        self._stack = contextlib.ExitStack()
+
+    # ---- setup --------------------------------------------------------------------------------
+    def __enter__(self) -> "Stage":
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        self.out = self._stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
+        self.stop = self._stack.enter_context(StopOnSignal(self.say))
+        if self.cfg.resume:
+            check_resume_config(self.out, self.cfg)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def load(self, context: tuple[int, str] | None = None, merged: list[Path] = ()) -> LoadedModel:
+        """The base model for this stage's profile, with the `merged` adapters merged in."""
+        self.merged = list(merged)
+        self.loaded = load_model(self.cfg.model, self.profile, self.cfg.trust_remote_code,
+                                 merge_adapters=tuple(self.merged), context=context)
+        return self.loaded
+
+    def plan(self, shape: Shape, device: torch.device, **kw: Any) -> Estimate:
+        """The estimate for this run's shape, written with the resolved config; starts the meter."""
+        self.est = estimate(self.loaded.spec, self.profile, self.name, shape, target=device.type, **kw)
+        if not self.cfg.resume:
+            write_stage_config(self.out, self.title, self.cfg, self.profile, self.est, merged=self.merged,
+                               source=self.loaded.source)
+        self.meter = MemoryMeter(device.type)
+        return self.est
+
+    def micro_batch(self, want: int, knob: str, key: str | None = None, start: int | None = None) -> MicroBatch:
+        """The micro-batch to start from: `start` (default: the profile's), at most `want`, at most
+        what an earlier out-of-memory in this run folder fell back to. key: its name in RUN/oom.jsonl."""
+        key, start = key or self.name, start or self.profile.micro_batch
+        size = min(start, want, learned_cap(self.cfg.out, key, self.profile.name) or start)
+        return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob)
+
+    def resume(self, state: dict[str, Any], parts: dict | None) -> dict[str, Any]:
+        """The loop state, restored with `parts` (adapters, optimizers, samplers) from the newest
+        checkpoint when --resume; parts None: this trainer keeps no checkpoint (ZeRO-3)."""
+        self.state, self.parts = {self.key: 0, "seconds": 0.0, **state}, parts
+        self.resumed = checkpoint.resume(self.out, self.cfg.resume, self.state, parts)
+        if self.resumed is not None:
+            self.say(f"resuming {self.title} from {self.resumed} ({self.key} {self.state[self.key]})")
+        keep = (self.key, self.state[self.key]) if self.resumed else None
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", keep=keep)
+        return self.state
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def steps(self, total: int) -> Iterator[int]:
+        """Steps from where the run stands to `total`. After each: the step count and seconds in
+        the state, the progress bar, a checkpoint every cfg.save_every, a stop on a signal."""
+        self.bar = progress_bar(total, self.title, self.cfg.progress)
+        self.bar.update(self.state[self.key])
+        make_state = self.parts and (lambda: checkpoint.capture(loop=self.state, **self.parts))
+        for step in range(self.state[self.key], total):
+            self._t0 = time.time()
+            yield step
+            self.state[self.key] = step + 1
+            self.state["seconds"] += self.step_seconds
+            self.bar.update(1)
+            checkpoint.at_step_end(self.out, step + 1, total, self.cfg.save_every, self.stop, make_state, self.title)
+        self.bar.close()
+
+    @property
+    def step_seconds(self) -> float:
+        """Seconds since the current step began."""
+        return time.time() - self._t0
+
+    def log(self, postfix: dict[str, float] | None = None, **row: Any) -> None:
+        """One metrics.jsonl row; `postfix` also goes on the progress bar."""
+        self.metrics.write(**row)
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+
+    # ---- save ---------------------------------------------------------------------------------
+    def finish(self, summary: dict[str, Any], counted: dict[str, int]) -> dict[str, Any]:
+        """summary.json: what the stage reports, its wall seconds and estimated vs measured memory."""
+        out = {"stage": self.name, "model": self.loaded.source, "profile": self.profile.name, **summary,
+               "seconds": self.state["seconds"], "memory": memory_report(self.est, self.meter.peaks, counted)}
+        self.metrics.close()
+        write_json(self.out / "summary.json", out)
+        return out
+
+
+__all__ = ["Stage"]

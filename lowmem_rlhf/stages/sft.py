@@ -1,0 +1,105 @@
+"""Stage 1, SFT: train the `sft` LoRA adapter on instruction data, completion-only loss.
+
+setup (profile, model, data, adapter, optimizer; or all of it restored from the newest checkpoint
+with --resume) -> loop (gradient accumulation, one backward per micro-batch, halved on
+out-of-memory) -> save (adapter in PEFT layout, resolved profile, metrics, estimated-vs-measured
+memory) into RUN/sft, atomically. The scaffold is `stages/scaffold.py`; the step is
+`algo.supervised.completion_loss`.
+
+The loop is ours, not trl's SFTTrainer: the trainer would wrap the model in its own PEFT adapter,
+while every stage here must add named adapters (and heads) to one shared base that PPO reuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lowmem_rlhf import data as D
+from lowmem_rlhf.algo.supervised import completion_loss, eval_loss
+from lowmem_rlhf.config import SFTConfig, Shape
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.measure.report import trainer_counts
+from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.runtime.oom import maybe_inject
+from lowmem_rlhf.runtime.trainer import make_trainer
+from lowmem_rlhf.stages.scaffold import Stage
+
+
+def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    records = D.load_records(cfg.data)
+    examples = D.to_sft(records, cfg.data)
+    tokenized = [t for t in (D.tokenize_sft(e, tokenizer, cfg.max_len) for e in examples) if t is not None]
+    if not tokenized:
+        raise UserError(f"{cfg.data}: no example has a response token left within --max-len {cfg.max_len}; raise --max-len")
+    train, held = D.split_train_eval(tokenized, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise UserError(f"{cfg.data}: too few examples ({len(tokenized)}) to train; add data or lower --eval-fraction")
+    return train, held
+
+
+def run_sft(cfg: SFTConfig, console=None) -> dict:
+    prof = cfg.profile
+    with Stage(cfg, "sft", "SFT", console) as st:
+        # ---- setup ----------------------------------------------------------------------------
+        loaded = st.load(context=(cfg.max_len, "--max-len"))
+        tok = loaded.tokenizer
+        train, held = prepare_examples(cfg, tok)
+        engine = SharedBase(loaded, prof, seed=cfg.seed)
+        engine.add_adapter("sft")
+        engine.model.train()
+        mb = st.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
+        trainer = make_trainer(engine, "sft", prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
+                               cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
+        mb.elastic = trainer.elastic
+        device = trainer.device
+        st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
+        sampler = D.EpochSampler(len(train), cfg.seed)
+        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
+        state = st.resume({"losses": [], "eval_before": None, "micro_batch": mb.size}, parts)
+        mb.size = state["micro_batch"]
+        if st.resumed is None and held:
+            state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
+
+        # ---- loop -----------------------------------------------------------------------------
+        losses = state["losses"]
+        for step in st.steps(cfg.max_steps):
+            rows = [train[i] for i in sampler.draw(cfg.batch)]
+            n_tokens = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+
+            def accumulate(size: int) -> float:
+                total = 0.0
+                for i in range(0, len(rows), size):
+                    maybe_inject("sft", step + 1, size)
+                    chunk = rows[i: i + size]
+                    batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
+                                            [r["labels"] for r in chunk])
+                    loss, _ = trainer.forward(completion_loss, engine, {k: v.to(device) for k, v in batch.items()})
+                    trainer.backward(loss / max(n_tokens, 1))
+                    total += float(loss.detach())
+                return total
+
+            with st.meter.phase("train_step"):
+                step_loss = mb.run(step + 1, accumulate, trainer.reset)
+                stats = trainer.step()
+            losses.append(step_loss / max(n_tokens, 1))
+            state["micro_batch"] = mb.size
+            seq_tokens = sum(len(r["input_ids"]) for r in rows)
+            st.log(postfix={"loss": losses[-1]}, step=step + 1, loss=losses[-1], lr=stats["lr"],
+                   grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), tokens=seq_tokens,
+                   seconds=st.step_seconds, tokens_per_s=seq_tokens / st.step_seconds,
+                   **{f"peak_{k}": v for k, v in st.meter.read().items()})
+        eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
+
+        # ---- save -----------------------------------------------------------------------------
+        trainer.save_adapter(st.out / "adapter", extra_meta={"stage": "sft"})
+        return st.finish({
+            "steps": cfg.max_steps, "train_examples": len(train), "eval_examples": len(held),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+            "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
+            "micro_batch": mb.size, "oom_events": mb.events,
+        }, trainer_counts(trainer))
+
+
+__all__ = ["SFTConfig", "run_sft", "completion_loss"]
