@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowmem_rlhf import __version__
-from lowmem_rlhf.config import AutoConfig, PPOConfig, RMConfig, SFTConfig
+from lowmem_rlhf.config import GIB, AutoConfig, PPOConfig, RMConfig, SFTConfig
 from lowmem_rlhf.errors import UserError
 
 app = typer.Typer(
@@ -63,7 +63,7 @@ def _choice(cls, **values: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {v!r}")
 
 def _gib(b: int) -> str:
-    return f"{b / 1024**3:.2f}"
+    return f"{b / GIB:.2f}"
 
 
 def _hardware(gpu, vram, ram):

@@ -166,12 +166,18 @@ def _describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Knobs an earlier version had, dropped on reading (profiles, auto.json of older runs): they were
+# never read at run time (grad_accum: the stages derive accumulation from their batch).
+REMOVED_KEYS = {"Profile": ("grad_accum",)}
+
+
 def dataclass_from_dict(cls, data: dict[str, Any], source: str):
     """Build `cls` from a mapping; unknown keys and wrong types are one-line UserErrors."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    data = {k: v for k, v in data.items() if k not in REMOVED_KEYS.get(cls.__name__, ())}
     for key, value in data.items():
         if key not in known:
             import difflib
@@ -231,7 +237,7 @@ def profile_to_yaml(profile: Profile, header: str = "") -> str:
 __all__ = [
     "Profile", "Shape", "STAGES", "GIB", "load_profile", "load_all_profiles", "list_profiles",
     "dataclass_from_dict", "profile_to_yaml", "PROFILES_DIR", "deepspeed_missing", "ZERO3_INSTALL",
-    "knob", "StageConfig", "SFTConfig", "RMConfig", "PPOConfig", "AutoConfig", "STAGE_CONFIGS", "DEMO_CHECKER",
+    "knob", "StageConfig", "SFTConfig", "RMConfig", "PPOConfig", "AutoConfig", "DEMO_CHECKER",
 ]
 
 
@@ -369,5 +375,3 @@ class AutoConfig:
 DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4}
 NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256}
 
-
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "auto": AutoConfig}

@@ -54,6 +54,19 @@ def _rewards(run: Path) -> list[float]:
     return [r["reward_mean"] for r in rows if not r.get("skipped")]
 
 
+def test_lr_schedule_runs_through_the_optimizer_step(byte_llama, tmp_path):
+    """--lr-schedule cosine: the actor's learning rate warms up then decays over the run's optimizer
+    steps (iterations x epochs); the default keeps it constant."""
+    def lrs(out, **kw):
+        run_ppo(_cfg(byte_llama, out, reward=f"{REWARDS}:ascii_share", iterations=3, ppo_epochs=2, **kw))
+        return [json.loads(x)["lr"] for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+    constant = lrs(tmp_path / "constant")
+    assert constant == [1e-2] * 3
+    cosine = lrs(tmp_path / "cosine", lr_schedule="cosine")
+    assert cosine[0] < 1e-2 and cosine[-1] < cosine[0], cosine  # 6 steps: no warmup, cosine decay
+
+
 def test_response_mask_stops_after_first_eos():
     resp = torch.tensor([[5, 6, 2, 2, 2], [5, 5, 5, 5, 5], [2, 7, 2, 8, 9]])
     assert response_mask(resp, 2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

@@ -106,3 +106,29 @@ def test_without_deepspeed_zero3_is_not_planned_and_names_the_install(monkeypatc
     with pytest.raises(UserError, match=r"zero3-offload: ZeRO-3 offload needs deepspeed.*lowmem-rlhf\[zero3\]"):
         _stage_profile("zero3-offload", None, "sft", Shape(), None)
     assert load_profile("zero3-offload").offload == "zero3"  # estimating still works without it
+
+
+def test_run_folders_of_the_previous_version_still_resume(tmp_path):
+    """config.json / auto.json written before Profile.grad_accum and auto's sft_len/rm_len were
+    dropped: --resume reads them (and still refuses a real change of settings)."""
+    import json
+    from dataclasses import asdict
+
+    from lowmem_rlhf.config import SFTConfig
+    from lowmem_rlhf.runtime.runs import check_resume_config
+    from lowmem_rlhf.stages.auto import load_auto_config
+
+    cfg = SFTConfig(data="x", out=tmp_path, profile=load_profile("qlora-shared"))
+    saved = json.loads(json.dumps(asdict(cfg), default=str))
+    saved["profile"]["grad_accum"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume_config(tmp_path, cfg)
+    saved["profile"]["lora_r"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="profile.lora_r=8, now 16"):
+        check_resume_config(tmp_path, cfg)
+    old_auto = {"model": None, "out": str(tmp_path), "profile": {**saved["profile"], "lora_r": 16},
+                "sft_len": 96, "rm_len": 96, "sft_steps": 3}
+    (tmp_path / "auto.json").write_text(json.dumps(old_auto))
+    a = load_auto_config(tmp_path)
+    assert a.seq_len == 96 and a.sft_steps == 3 and a.profile.lora_r == 16

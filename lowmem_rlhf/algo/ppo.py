@@ -8,7 +8,6 @@ The stage (`stages/ppo.py`) and the simulation (`measure/simulate.py`) both call
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable
 
 import torch
@@ -68,26 +67,23 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
 
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
-               phase: Phase = lambda name: contextlib.nullcontext()) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+               phase: Phase = lambda name: contextlib.nullcontext()) -> dict[str, torch.Tensor]:
     """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
-    minibatch the actor, then the critic. order: the generator that shuffles the rows.
-    -> (mean of each loss statistic as a 0-d tensor, seconds per update phase)."""
+    minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
+    order: the generator that shuffles the rows. -> the mean of each loss statistic (0-d tensors)."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
-    seconds = {"actor_update": 0.0, "critic_update": 0.0}
     n_mb = max(1, min(cfg.minibatches, B))
     for _epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=order).tolist()
         for chunk in [perm[i::n_mb] for i in range(n_mb)]:
             for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
-                t0 = time.time()
                 with phase(f"{role}_update"), roles.role(role) as eng:
                     st = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk, mb,
                                         iteration, loss_of, cfg)
                 for k, v in st.items():
                     stats.setdefault(k, []).extend(v)
-                seconds[f"{role}_update"] += time.time() - t0
-    return {k: torch.stack(v).mean() for k, v in stats.items() if v}, seconds
+    return {k: torch.stack(v).mean() for k, v in stats.items() if v}
 
 
 __all__ = ["ppo_update", "update_adapter", "actor_loss", "critic_loss"]

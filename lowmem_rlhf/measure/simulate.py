@@ -34,6 +34,7 @@ state (CUDA unified memory, outside the allocator; counted here, then moved to `
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -395,7 +396,9 @@ class _Rehearsal:
         cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
         roles = Roles({r: self.engine for r in ("actor", "critic", "reward", "reference")})
         size = max(1, min(self.profile.micro_batch, B))
-        gen_mb, mb = (MicroBatch(n, "ppo", Path("."), self.profile.name, knob="") for n in (B, size))
+        # fixed sizes (elastic=False): the rehearsal never halves a micro-batch, nor logs to a run folder
+        gen_mb, mb = (MicroBatch(n, "ppo", Path(tempfile.gettempdir()), self.profile.name, knob="", elastic=False)
+                      for n in (B, size))
         prompts = self.ids(B, P)
         kv = [0]
 

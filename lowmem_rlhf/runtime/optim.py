@@ -26,6 +26,11 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0,
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+def default_warmup(total_steps: int) -> int:
+    """Warmup steps of a run of `total_steps`: a tenth, at most 10."""
+    return min(10, total_steps // 10)
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                   min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup, then cosine decay to `min_ratio` of the peak learning rate."""

@@ -117,10 +117,12 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
     for key, value in now.items():
         if key in volatile or key not in saved:
             continue
-        if not same(saved[key], value):
-            was = saved[key]
-            if isinstance(value, dict) and isinstance(was, dict):  # the profile: name the field
-                key, was, value = next((f"{key}.{k}", was.get(k), v) for k, v in value.items() if was.get(k) != v)
+        was = saved[key]
+        if isinstance(value, dict) and isinstance(was, dict):  # the profile: only knobs this version has
+            was = {k: was.get(k) for k in value}
+        if not same(was, value):
+            if isinstance(value, dict):  # name the field
+                key, was, value = next((f"{key}.{k}", was[k], v) for k, v in value.items() if was[k] != v)
             raise UserError(f"--resume: {saved_path} was started with {key}={was!r}, now {value!r}; resume with "
                             "the same settings, or pass --overwrite to start over")
 

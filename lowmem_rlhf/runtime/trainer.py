@@ -18,7 +18,7 @@ import torch
 
 from lowmem_rlhf.config import Profile
 from lowmem_rlhf.model.adapters import SharedBase
-from lowmem_rlhf.runtime.optim import make_optimizer, optimizer_step, warmup_cosine
+from lowmem_rlhf.runtime.optim import default_warmup, make_optimizer, optimizer_step, warmup_cosine
 
 
 class PlainTrainer:
@@ -61,7 +61,7 @@ def make_trainer(shared: SharedBase, adapter: str, profile: Profile, lr: float, 
                  micro_batch: int, grad_accum: int):
     """PlainTrainer, or Zero3Trainer for the zero3-offload profile (one process, params and
     optimizer in CPU RAM)."""
-    warmup = min(10, total_steps // 10)
+    warmup = default_warmup(total_steps)
     if profile.offload == "zero3":
         from lowmem_rlhf.runtime.zero3 import Zero3Trainer
 

@@ -36,6 +36,9 @@ def load_auto_config(run: Path) -> AutoConfig:
     if not path.exists():
         raise UserError(f"--resume {run}: no {AUTO_CONFIG} there; pass a folder that `lowmem-rlhf auto` created")
     d = json.loads(path.read_text())
+    if "sft_len" in d:  # written before SFT and RM shared one --seq-len (they always ran at the same length)
+        d["seq_len"] = d.pop("sft_len")
+        d.pop("rm_len", None)
     d["profile"] = dataclass_from_dict(Profile, d["profile"], str(path))
     d["out"] = Path(d["out"])
     return dataclass_from_dict(AutoConfig, d, str(path))

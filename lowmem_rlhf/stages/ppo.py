@@ -31,9 +31,8 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
 from lowmem_rlhf.model.loading import load_model
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
-from lowmem_rlhf.runtime.optim import make_optimizer, warmup_cosine
+from lowmem_rlhf.runtime.optim import default_warmup, make_optimizer, warmup_cosine
 from lowmem_rlhf.runtime.runs import finished_adapter
-from lowmem_rlhf.stages.rm import sft_adapter_of
 from lowmem_rlhf.stages.scaffold import Stage
 
 PHASES = ("generation", "scoring", "actor_update", "critic_update")
@@ -78,20 +77,20 @@ def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
             lr = lrs[role] if lrs[role] is not None else prof.learning_rate
             opts[role] = make_optimizer(eng.parameters_of(role), prof.optimizer, lr, device=device)
         if cfg.lr_schedule == "cosine":
-            scheds[role] = warmup_cosine(opts[role], steps, min(10, steps // 10))
+            scheds[role] = warmup_cosine(opts[role], steps, default_warmup(steps))
     return opts, scheds
 
 
-def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: float, mb: MicroBatch,
+def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: float, lr: float, mb: MicroBatch,
                 gen_mb: MicroBatch, st: Stage, cfg: PPOConfig, device) -> dict:
-    """The row logged for one iteration: reward, KL, losses, sizes, seconds, and per phase the
-    measured peak beside the estimator's."""
+    """The row logged for one iteration: reward, KL, losses (0-d tensors, read here), sizes,
+    seconds, and per phase the measured peak beside the estimator's."""
     m, B = exp.response_mask, len(exp.seqs)
     update_s = times["actor_update"] + times["critic_update"]
     row = {
         "iteration": it + 1, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
         "kl": exp.seq_kl, "kl_coef": kl_coef, "entropy": float(M.masked_mean(exp.entropy, m)),
-        "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size,
+        "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size, "lr": lr,
         "generation_batch": gen_mb.size, "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
         **{k: float(v) for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},
         "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
@@ -109,7 +108,7 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
     prof = cfg.profile
     reward_fn = make_reward(cfg)
-    merged = sft_adapter_of(cfg.sft)
+    merged = [finished_adapter(cfg.sft, "--sft", "SFT", "RUN/sft")] if cfg.sft is not None else []
     rm_adapter = (finished_adapter(cfg.reward_model, "--reward-model", "RM", "RUN/rm")
                   if cfg.reward_model is not None else None)
     eval_fn = FunctionReward(cfg.eval_reward) if cfg.eval_reward else (
@@ -141,13 +140,17 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
                      optimizers=optimizers, schedulers=schedulers, samplers={"prompts": sampler, "minibatch_order": order})
         state = st.resume({"rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
-                           "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value}, parts)
+                           "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value}, parts,
+                          cfg.iterations)
         mb.size, gen_mb.size, kl_ctl.value = state["micro_batch"], state["generation_batch"], state["kl_coef"]
         if st.resumed is None and held and eval_fn:
             state["eval_before"] = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True)
 
         # ---- loop -----------------------------------------------------------------------------
-        for it in st.steps(cfg.iterations):
+        def sync() -> None:  # what the checkpoint after each iteration (skipped or not) must hold
+            state.update(micro_batch=mb.size, generation_batch=gen_mb.size, kl_coef=kl_ctl.value)
+
+        for it in st.steps(cfg.iterations, sync):
             pick = sampler.draw(B)
             torch.manual_seed(cfg.seed * 100_003 + it)
             times: dict[str, float] = {}
@@ -168,14 +171,13 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 st.log(iteration=it + 1, skipped=True, reason=str(e))
                 st.say(f"PPO iteration {it + 1} skipped: {e}")
                 continue
-            stats, update_times = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, st.meter.phase)
-            times.update(update_times)
+            stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase)
             kl_ctl.update(exp.seq_kl, B)
-            row = metrics_row(it, exp, stats, times, kl_ctl.value, mb, gen_mb, st, cfg, device)
+            row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
+                              st, cfg, device)
             st.log(postfix={"reward": row["reward_mean"], "kl": row["kl"]}, **row)
             state["rewards"].append(row["reward_mean"])
             state["iter_seconds"].append(sum(times.values()))
-            state.update(micro_batch=mb.size, generation_batch=gen_mb.size, kl_coef=kl_ctl.value)
         if state["skipped"] == cfg.iterations:
             raise UserError(f"every PPO iteration was skipped because the reward failed ({cfg.iterations} of "
                             f"{cfg.iterations}; last: {state.get('skip_reason', '?')}); fix the reward and re-run")
@@ -219,8 +221,10 @@ class _timed:
         return self.inner.__enter__()
 
     def __exit__(self, *exc):
-        self.times[self.name] = self.times.get(self.name, 0.0) + time.time() - self.t0
-        return self.inner.__exit__(*exc)
+        try:
+            return self.inner.__exit__(*exc)  # the meter synchronises CUDA first: its kernels are counted
+        finally:
+            self.times[self.name] = self.times.get(self.name, 0.0) + time.time() - self.t0
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -59,7 +59,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
         sampler = D.EpochSampler(len(train), cfg.seed)
         parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
-        state = st.resume({"losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size}, parts)
+        state = st.resume({"losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size}, parts, cfg.max_steps)
         mb.size = state["micro_batch"]
         if st.resumed is None and held:
             state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)

@@ -3,9 +3,9 @@
     with Stage(cfg, "sft", "SFT", console) as st:      # seed, RUN/.sft.partial, Ctrl-C/SIGTERM, --resume check
         loaded = st.load(context=(cfg.max_len, "--max-len"))
         ... the stage's own setup: data, adapters, optimizer ...
-        st.plan(loaded, shape)                         # estimate, config.json + profile.yaml, memory meter
+        st.plan(shape, device)                         # estimate, config.json + profile.yaml, memory meter
         mb = st.micro_batch(cfg.batch, knob="--max-len")   # halved on OOM, capped by what RUN/oom.jsonl learned
-        state = st.resume({"step": 0, ...}, parts)     # restored from the newest checkpoint with --resume
+        state = st.resume({...}, parts, cfg.max_steps) # restored from the newest checkpoint with --resume
         for step in st.steps(cfg.max_steps):           # progress, checkpoints, stop at a step boundary
             ... one step ...; st.log(...)
         return st.finish({...}, counted)               # summary.json with estimated vs measured memory
@@ -20,7 +20,7 @@ import contextlib
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -61,10 +61,12 @@ class Stage:
     def __enter__(self) -> "Stage":
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
-        self.out = self._stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
-        self.stop = self._stack.enter_context(StopOnSignal(self.say))
-        if self.cfg.resume:
-            check_resume_config(self.out, self.cfg)
+        with contextlib.ExitStack() as stack:  # unwound here if the resume check fails
+            self.out = stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
+            self.stop = stack.enter_context(StopOnSignal(self.say))
+            if self.cfg.resume:
+                check_resume_config(self.out, self.cfg)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -93,27 +95,29 @@ class Stage:
         size = min(start, want, learned_cap(self.cfg.out, key, self.profile.name) or start)
         return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob)
 
-    def resume(self, state: dict[str, Any], parts: dict | None) -> dict[str, Any]:
+    def resume(self, state: dict[str, Any], parts: dict | None, total: int) -> dict[str, Any]:
         """The loop state, restored with `parts` (adapters, optimizers, samplers) from the newest
         checkpoint when --resume; parts None: this trainer keeps no checkpoint (ZeRO-3)."""
         self.state, self.parts = {self.key: 0, "seconds": 0.0, **state}, parts
         self.resumed = checkpoint.resume(self.out, self.cfg.resume, self.state, parts)
         if self.resumed is not None:
-            self.say(f"resuming {self.title} from {self.resumed} ({self.key} {self.state[self.key]})")
+            self.say(f"resuming {self.title} from {self.resumed} ({self.key} {self.state[self.key]} of {total})")
         keep = (self.key, self.state[self.key]) if self.resumed else None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", keep=keep)
         return self.state
 
     # ---- loop ---------------------------------------------------------------------------------
-    def steps(self, total: int) -> Iterator[int]:
-        """Steps from where the run stands to `total`. After each: the step count and seconds in
-        the state, the progress bar, a checkpoint every cfg.save_every, a stop on a signal."""
+    def steps(self, total: int, sync: Callable[[], None] = lambda: None) -> Iterator[int]:
+        """Steps from where the run stands to `total`. After each (also one the body skipped with
+        `continue`): sync() brings the loop state up to date, then the step count and seconds, the
+        progress bar, a checkpoint every cfg.save_every, a stop on a signal."""
         self.bar = progress_bar(total, self.title, self.cfg.progress)
         self.bar.update(self.state[self.key])
         make_state = self.parts and (lambda: checkpoint.capture(loop=self.state, **self.parts))
         for step in range(self.state[self.key], total):
             self._t0 = time.time()
             yield step
+            sync()
             self.state[self.key] = step + 1
             self.state["seconds"] += self.step_seconds
             self.bar.update(1)

@@ -55,7 +55,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
         sampler = D.EpochSampler(len(train), cfg.seed)
         parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
-        state = st.resume({"losses": [], "eval_before": None, "micro_batch": mb.size}, parts)
+        state = st.resume({"losses": [], "eval_before": None, "micro_batch": mb.size}, parts, cfg.max_steps)
         mb.size = state["micro_batch"]
         if st.resumed is None and held:
             state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
@@ -83,11 +83,11 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                 stats = trainer.step()
             losses.append(step_loss / max(n_tokens, 1))
             state["micro_batch"] = mb.size
-            seq_tokens = sum(len(r["input_ids"]) for r in rows)
+            seq_tokens, dt = sum(len(r["input_ids"]) for r in rows), st.step_seconds
             st.log(postfix={"loss": losses[-1]}, step=step + 1, loss=losses[-1], lr=stats["lr"],
                    grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), tokens=seq_tokens,
-                   seconds=st.step_seconds, tokens_per_s=seq_tokens / st.step_seconds,
+                   seconds=dt, tokens_per_s=seq_tokens / dt,
                    **{f"peak_{k}": v for k, v in st.meter.read().items()})
         eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
