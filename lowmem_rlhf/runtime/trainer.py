@@ -18,7 +18,12 @@ import torch
 
 from lowmem_rlhf.config import Profile
 from lowmem_rlhf.model.adapters import SharedBase
-from lowmem_rlhf.runtime.optim import default_warmup, make_optimizer, optimizer_step, warmup_cosine
+from lowmem_rlhf.runtime.optim import (
+    default_warmup,
+    make_optimizer,
+    optimizer_step,
+    warmup_cosine,
+)
 
 
 class PlainTrainer:
