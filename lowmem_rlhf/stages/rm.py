@@ -11,17 +11,13 @@ forward pays for two stacked adapters.
 
 from __future__ import annotations
 
-import math
-
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo.pairwise import evaluate_pairs, pair_loss, pair_scores
-from lowmem_rlhf.config import RMConfig, Shape
+from lowmem_rlhf.config import RMConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
-from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import maybe_inject
 from lowmem_rlhf.runtime.runs import finished_adapter
-from lowmem_rlhf.runtime.trainer import make_trainer
 from lowmem_rlhf.stages.scaffold import Stage
 
 
@@ -41,26 +37,15 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def run_rm(cfg: RMConfig, console=None) -> dict:
-    prof = cfg.profile
     merged = sft_adapter_of(cfg.init_from)
     with Stage(cfg, "rm", "RM", console) as st:
         # ---- setup ----------------------------------------------------------------------------
         loaded = st.load(context=(cfg.max_len, "--max-len"), merged=merged)
         tok = loaded.tokenizer
         train, held = prepare_pairs(cfg, tok)
-        engine = SharedBase(loaded, prof, seed=cfg.seed)
-        engine.add_adapter("reward", with_head=True)
-        engine.model.train()
-        mb = st.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
-        trainer = make_trainer(engine, "reward", prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
-                               cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
-        mb.elastic = trainer.elastic
+        engine, trainer, mb, sampler, state = st.single_adapter("reward", True, len(train),
+                                                                {"losses": [], "accs": [], "eval_before": None})
         device = trainer.device
-        st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
-        sampler = D.EpochSampler(len(train), cfg.seed)
-        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
-        state = st.resume({"losses": [], "accs": [], "eval_before": None, "micro_batch": mb.size}, parts, cfg.max_steps)
-        mb.size = state["micro_batch"]
         if st.resumed is None and held:
             state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)
 

@@ -17,6 +17,7 @@ only when `finish` has run and the block exits cleanly.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowmem_rlhf.config import Shape, StageConfig
+from lowmem_rlhf.data import EpochSampler
 from lowmem_rlhf.measure.memory import MemoryMeter
 from lowmem_rlhf.measure.report import memory_report
+from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import LoadedModel, load_model
 from lowmem_rlhf.plan.estimator import Estimate, estimate
 from lowmem_rlhf.runtime import checkpoint
@@ -40,6 +43,7 @@ from lowmem_rlhf.runtime.runs import (
     write_stage_config,
 )
 from lowmem_rlhf.runtime.stopping import StopOnSignal
+from lowmem_rlhf.runtime.trainer import make_trainer
 
 
 class Stage:
@@ -87,6 +91,26 @@ class Stage:
                                source=self.loaded.source)
         self.meter = MemoryMeter(device.type)
         return self.est
+
+    def single_adapter(self, adapter: str, with_head: bool, rows: int, state: dict[str, Any]):
+        """The setup SFT and RM share, after `load`: the adapter (+ head) on a shared base, its
+        trainer (plain torch or ZeRO-3) for cfg.batch/max_steps/lr, the micro-batch, the estimate for
+        cfg.max_len, a seeded sampler over `rows` training rows, and the loop `state` (restored on
+        --resume). -> (engine, trainer, micro-batch, sampler, state)."""
+        cfg, prof = self.cfg, self.profile
+        engine = SharedBase(self.loaded, prof, seed=cfg.seed)
+        engine.add_adapter(adapter, with_head=with_head)
+        engine.model.train()
+        mb = self.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
+        trainer = make_trainer(engine, adapter, prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
+                               cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
+        mb.elastic = trainer.elastic
+        self.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), trainer.device)
+        sampler = EpochSampler(rows, cfg.seed)
+        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
+        state = self.resume({**state, "micro_batch": mb.size}, parts, cfg.max_steps)
+        mb.size = state["micro_batch"]
+        return engine, trainer, mb, sampler, state
 
     def micro_batch(self, want: int, knob: str, key: str | None = None, start: int | None = None) -> MicroBatch:
         """The micro-batch to start from: `start` (default: the profile's), at most `want`, at most

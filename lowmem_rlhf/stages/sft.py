@@ -12,16 +12,12 @@ while every stage here must add named adapters (and heads) to one shared base th
 
 from __future__ import annotations
 
-import math
-
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo.supervised import completion_loss, eval_loss
-from lowmem_rlhf.config import SFTConfig, Shape
+from lowmem_rlhf.config import SFTConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
-from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import maybe_inject
-from lowmem_rlhf.runtime.trainer import make_trainer
 from lowmem_rlhf.stages.scaffold import Stage
 
 
@@ -38,25 +34,14 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]
 
 
 def run_sft(cfg: SFTConfig, console=None) -> dict:
-    prof = cfg.profile
     with Stage(cfg, "sft", "SFT", console) as st:
         # ---- setup ----------------------------------------------------------------------------
         loaded = st.load(context=(cfg.max_len, "--max-len"))
         tok = loaded.tokenizer
         train, held = prepare_examples(cfg, tok)
-        engine = SharedBase(loaded, prof, seed=cfg.seed)
-        engine.add_adapter("sft")
-        engine.model.train()
-        mb = st.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
-        trainer = make_trainer(engine, "sft", prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
-                               cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
-        mb.elastic = trainer.elastic
+        engine, trainer, mb, sampler, state = st.single_adapter("sft", False, len(train),
+                                                                {"losses": [], "eval_before": None})
         device = trainer.device
-        st.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), device)
-        sampler = D.EpochSampler(len(train), cfg.seed)
-        parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
-        state = st.resume({"losses": [], "eval_before": None, "micro_batch": mb.size}, parts, cfg.max_steps)
-        mb.size = state["micro_batch"]
         if st.resumed is None and held:
             state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
 
