@@ -14,6 +14,7 @@ do not have: the simulation passes its own prefill + decode steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -64,9 +65,10 @@ class Experience(Rollout):
     def prompt_len(self) -> int:
         return self.seqs.shape[1] - self.response.shape[1]
 
-    @property
+    @functools.cached_property
     def seq_kl(self) -> float:
-        """Mean per-sequence KL to the reference (sum over tokens, mean over rows)."""
+        """Mean per-sequence KL to the reference (sum over tokens, mean over rows); read once (a
+        host sync), then kept: the KL controller and the metrics row both use it."""
         m = self.response_mask
         return float(M.masked_mean(self.kl, m) * m.sum() / len(m))
 

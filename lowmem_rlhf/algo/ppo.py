@@ -65,6 +65,11 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
     return st
 
 
+def minibatch_count(minibatches: int, rows: int) -> int:
+    """Optimizer steps per PPO epoch: --minibatches, at most one per rollout row."""
+    return max(1, min(minibatches, rows))
+
+
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
                phase: Phase = lambda name: contextlib.nullcontext()) -> dict[str, torch.Tensor]:
@@ -73,7 +78,7 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     order: the generator that shuffles the rows. -> the mean of each loss statistic (0-d tensors)."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
-    n_mb = max(1, min(cfg.minibatches, B))
+    n_mb = minibatch_count(cfg.minibatches, B)
     for _epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=order).tolist()
         for chunk in [perm[i::n_mb] for i in range(n_mb)]:
@@ -86,4 +91,4 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     return {k: torch.stack(v).mean() for k, v in stats.items() if v}
 
 
-__all__ = ["ppo_update", "update_adapter", "actor_loss", "critic_loss"]
+__all__ = ["ppo_update", "minibatch_count", "update_adapter", "actor_loss", "critic_loss"]

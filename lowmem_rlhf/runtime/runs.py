@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -174,8 +175,6 @@ def write_stage_config(out: Path, stage: str, cfg: Any, profile: Any, estimate: 
 def progress_bar(total: int, desc: str, enabled: bool, every: float = 30.0):
     """tqdm on a terminal; elsewhere (CI logs, pipes) a plain line every `every` seconds and at the
     end, so long work is never silent; nothing when disabled."""
-    import sys
-
     from tqdm.auto import tqdm
 
     if enabled and not sys.stderr.isatty():  # tqdm would draw on stderr
@@ -189,8 +188,6 @@ class PlainProgress:
     every `every` seconds and, for work that took that long, once at the end."""
 
     def __init__(self, total: int, desc: str, every: float = 30.0, stream=None):
-        import sys
-
         self.total, self.desc, self.every, self.n = total, desc, every, 0
         self.stream = stream or sys.stdout
         self.postfix: dict[str, Any] = {}

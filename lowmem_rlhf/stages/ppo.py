@@ -23,7 +23,7 @@ from lowmem_rlhf.algo.experience import (
     generate_in_chunks,
     make_experience,
 )
-from lowmem_rlhf.algo.ppo import ppo_update
+from lowmem_rlhf.algo.ppo import minibatch_count, ppo_update
 from lowmem_rlhf.algo.rewards import CommandReward, FunctionReward, RewardError
 from lowmem_rlhf.algo.roles import Roles, attach_roles, base_fingerprint, build_roles
 from lowmem_rlhf.config import PPOConfig, Shape
@@ -71,7 +71,7 @@ def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
     prof = cfg.profile
     lrs = {"actor": cfg.lr, "critic": cfg.critic_lr}
     opts, scheds = {}, {}
-    steps = cfg.iterations * cfg.ppo_epochs * max(1, min(cfg.minibatches, cfg.rollout_batch))
+    steps = cfg.iterations * cfg.ppo_epochs * minibatch_count(cfg.minibatches, cfg.rollout_batch)
     for role in ("actor", "critic"):
         with roles.role(role) as eng:
             lr = lrs[role] if lrs[role] is not None else prof.learning_rate

@@ -59,7 +59,6 @@ class Stage:
         self.parts: dict | None = None
         self.state: dict[str, Any] = {}
         self.resumed: Path | None = None
-        self._stack = contextlib.ExitStack()
 
     # ---- setup --------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
