@@ -369,6 +369,13 @@ def auto(
     ppo_iterations: int = option(AutoConfig, "ppo_iterations"),
     ppo_epochs: int = option(AutoConfig, "ppo_epochs"),
     ppo_lr: Optional[float] = option(AutoConfig, "ppo_lr"),
+    kl_coef: float = option(AutoConfig, "kl_coef"),
+    kl_target: Optional[float] = option(AutoConfig, "kl_target"),
+    kl_horizon: Optional[int] = option(AutoConfig, "kl_horizon"),
+    reward_weight: Optional[float] = option(AutoConfig, "reward_weight"),
+    temperature: float = option(AutoConfig, "temperature"),
+    missing_eos_penalty: Optional[float] = option(AutoConfig, "missing_eos_penalty"),
+    train_rm: Optional[bool] = option(AutoConfig, "train_rm"),
     seed: int = option(AutoConfig, "seed"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
@@ -419,9 +426,15 @@ def _print_auto_summary(summary: dict, run: Path) -> None:
     t.add_row("SFT held-out loss (before -> after)", f"{fmt(summary['sft']['eval_loss_before'])} -> {fmt(summary['sft']['eval_loss_after'])}")
     if summary["rm"]:
         t.add_row("RM held-out accuracy (before -> after)", f"{fmt(summary['rm']['heldout_accuracy_before'])} -> {fmt(summary['rm']['heldout_accuracy'])}")
-    t.add_row("held-out checker score, SFT policy", fmt(summary["heldout_checker_sft"]))
-    t.add_row("held-out checker score, PPO policy", fmt(summary["heldout_checker_ppo"]))
+    n = summary.get("heldout_n")
+    for key, what in (("correct", "exactly the answer"), ("lenient", "the answer anywhere")):
+        if summary.get(f"heldout_{key}_sft") is not None:
+            t.add_row(f"held-out {what} (SFT -> PPO)",
+                      f"{summary[f'heldout_{key}_sft']}/{n} -> {summary[f'heldout_{key}_ppo']}/{n}")
+    t.add_row("held-out checker score (SFT -> PPO policy)",
+              f"{fmt(summary['heldout_checker_sft'])} -> {fmt(summary['heldout_checker_ppo'])}")
     t.add_row("PPO reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
+    t.add_row("PPO KL to the reference, nats per response (last 5)", fmt(summary.get("ppo_kl_last5")))
     t.add_row("plot", summary["plot"])
     t.add_row("wall time", f"{summary['wall_seconds'] / 60:.1f} min")
     console.print(t)
@@ -436,6 +449,7 @@ def ppo(
     reward_model: Optional[Path] = option(PPOConfig, "reward_model"),
     reward: Optional[str] = option(PPOConfig, "reward"),
     reward_cmd: Optional[str] = option(PPOConfig, "reward_cmd"),
+    reward_weight: float = option(PPOConfig, "reward_weight"),
     reward_timeout: float = option(PPOConfig, "reward_timeout"),
     profile: Optional[str] = option(PPOConfig, "profile"),
     iterations: int = option(PPOConfig, "iterations"),
@@ -450,8 +464,11 @@ def ppo(
     kl_coef: float = option(PPOConfig, "kl_coef"),
     kl_estimator: str = option(PPOConfig, "kl_estimator"),
     kl_target: Optional[float] = option(PPOConfig, "kl_target"),
+    kl_horizon: int = option(PPOConfig, "kl_horizon"),
     temperature: float = option(PPOConfig, "temperature"),
     top_p: float = option(PPOConfig, "top_p"),
+    missing_eos_penalty: Optional[float] = option(PPOConfig, "missing_eos_penalty"),
+    reward_norm: bool = option(PPOConfig, "reward_norm"),
     eval_prompts: Optional[str] = option(PPOConfig, "eval_prompts"),
     eval_reward: Optional[str] = option(PPOConfig, "eval_reward"),
     seed: int = option(PPOConfig, "seed"),
@@ -489,6 +506,72 @@ def export(
     console.print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+
+
+@app.command(name="eval")
+def eval_run(
+    run: Path = typer.Argument(..., help="run folder (the --out of sft/ppo/auto)"),
+    prompts: str = typer.Option(..., "--prompts", "-p", help="prompts file (.jsonl/.json/.parquet, any prompt format "
+                                "PPO reads: prompt, instruction, messages, question) or a hub dataset"),
+    reward: Optional[str] = typer.Option(None, "--reward", help="scoring function: module:function or "
+                                         "path/to/file.py:function, called as f(prompts, responses) -> list of floats"),
+    reward_cmd: Optional[str] = typer.Option(None, "--reward-cmd", help="evaluator process instead: reads JSON lines "
+                                             "{\"prompt\", \"response\"} on stdin, writes one score per line"),
+    reward_timeout: float = typer.Option(60.0, "--reward-timeout", help="seconds --reward-cmd may take per batch"),
+    policy: Optional[list[str]] = typer.Option(None, "--policy", metavar="POLICY", help="sft (base + SFT adapter merged), ppo (+ the "
+                                               "PPO actor), base (no adapters) or an adapter folder; repeat for "
+                                               "several; default: every finished policy in RUN (sft, then ppo)"),
+    samples: int = typer.Option(1, "--samples", "-k", help="answers per prompt: 1 = greedy; K > 1 = K sampled "
+                                "answers at --temperature, and pass@K is reported"),
+    temperature: float = typer.Option(1.0, "--temperature", help="sampling temperature when --samples > 1"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="tokens generated per answer "
+                                                 "(default: the run's PPO --response-len, else 64)"),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="prompt tokens kept, cut from the left "
+                                             "(default: the run's PPO --prompt-len, else 128)"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="answers generated at once (default: the run's PPO "
+                                        "--rollout-batch, else 8); lower it on out-of-memory"),
+    pass_threshold: float = typer.Option(1.0, "--pass-threshold", help="a sample passes when its score is >= this"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: RUN/eval/<prompts file "
+                                       "name>): <policy>.jsonl per policy and summary.json, written last"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (each policy starts from it)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the one recorded in the run)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="load every policy with this profile (default: the "
+                                          "profile its stage trained with, so eval runs the same quantization)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the base model folder's own Python code"),
+):
+    """Score a finished run's policies on a prompts file with a programmatic reward: mean score,
+    samples passing --pass-threshold with a 95% Wilson interval, and pass@K with --samples K."""
+    from lowmem_rlhf.stages.evaluate import EvalConfig, run_eval
+
+    summary = run_eval(EvalConfig(
+        run=run, prompts=prompts, reward=reward, reward_cmd=reward_cmd, reward_timeout=reward_timeout,
+        policies=tuple(policy or ()), samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+        prompt_len=prompt_len, batch=batch, pass_threshold=pass_threshold, out=out, seed=seed, model=model,
+        profile=profile, trust_remote_code=trust_remote_code), console=console)
+    _print_eval_summary(summary)
+
+
+def _print_eval_summary(summary: dict) -> None:
+    K = summary["samples"]
+    how = "greedy" if summary["greedy"] else f"{K} samples per prompt, temperature {summary['temperature']:g}"
+    t = Table(title=f"eval ({how}; pass: score >= {summary['pass_threshold']:g})")
+    t.add_column("policy", no_wrap=True)
+    t.add_column("prompts", justify="right")
+    t.add_column("mean score", justify="right")
+    t.add_column("pass k/n", justify="right")
+    t.add_column("rate [95% CI]", justify="right", no_wrap=True)
+    if K > 1:
+        t.add_column(f"pass@{K} k/n", justify="right", no_wrap=True)
+    for name, p in summary["policies"].items():
+        lo, hi = p["pass_rate_ci95"]
+        row = [name, str(p["prompts"]), f"{p['mean_score']:.4f}", f"{p['passed']}/{p['total']}",
+               f"{p['pass_rate']:.1%} [{lo:.1%}, {hi:.1%}]"]
+        if K > 1:
+            pk = p["pass_at_k"]
+            row.append(f"{pk['passed']}/{pk['prompts']} ({pk['rate']:.0%})")
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"wrote {summary['out']}/summary.json and " + ", ".join(p["file"] for p in summary["policies"].values()))
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],

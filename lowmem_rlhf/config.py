@@ -99,6 +99,12 @@ class Profile:
         if self.dtype == "fp16" and self.quant == "none" and self.lora_r == 0:
             raise UserError(f"{source}: pure fp16 full fine-tuning diverges without fp32 master weights; use dtype bf16 or LoRA")
 
+    def for_rl(self) -> "Profile":
+        """This profile as the RL stages run it: no dropout (LoRA dropout 0; the stage also zeroes
+        the model's own dropout), so the rollout's log-probs and the update's forward agree exactly
+        and the first PPO ratio is 1 (TRL does the same)."""
+        return dataclasses.replace(self, lora_dropout=0.0)
+
     @property
     def is_lora(self) -> bool:
         return self.lora_r > 0
@@ -298,6 +304,7 @@ class PPOConfig(StageConfig):
     reward: str | None = knob(None, "programmatic reward: module:function or file.py:function")
     reward_cmd: str | None = knob(None, "evaluator command: JSON lines in, one score per line out")
     reward_timeout: float = knob(60.0, "seconds the evaluator command may take per batch")
+    reward_weight: float = knob(1.0, "weight of the program's score when it is added to the reward model's")
     iterations: int = knob(20, "PPO iterations (rollout + update)")
     rollout_batch: int = knob(8, "prompts per rollout")
     prompt_len: int = knob(128, "prompt tokens (cut from the left)")
@@ -319,6 +326,9 @@ class PPOConfig(StageConfig):
     temperature: float = knob(1.0, "sampling temperature")
     top_p: float = knob(1.0, "nucleus sampling threshold")
     whiten_advantages: bool = knob(True, "normalise advantages over the rollout")
+    missing_eos_penalty: float | None = knob(None, "subtract this from the score of a response cut at "
+                                                   "--response-len before any EOS (default: off)")
+    reward_norm: bool = knob(False, "normalise scores by their running mean and std over the run")
     separate_models: bool = knob(False, "the 4-model layout (benchmark comparison), not the design")
     eval_prompts: str | None = knob(None, "held-out prompts scored before and after (greedy)")
     eval_reward: str | None = knob(None, "module:function scoring the held-out answers "
@@ -343,7 +353,8 @@ class AutoConfig:
     prompts: str = knob(str(bundled_path("demo-prompts.jsonl")), "PPO prompts")
     heldout: str | None = knob(str(bundled_path("demo-heldout.jsonl")), "held-out prompts scored before and after PPO")
     eval_reward: str | None = knob(DEMO_CHECKER, "module:function scoring the held-out answers")
-    reward: str | None = knob(None, "programmatic reward module:function (skips the RM stage)")
+    reward: str | None = knob(None, "programmatic reward module:function for PPO (default: the demo's checker "
+                                    "for the demo; skips the RM stage unless --train-rm)")
     reward_cmd: str | None = knob(None, "external evaluator command (JSON lines in, one score per line out; "
                                         "skips the RM stage)")
     seq_len: int | None = knob(None, "SFT and RM sequence length (default: 128 for the demo, 512 for a named model)")
@@ -354,6 +365,18 @@ class AutoConfig:
     ppo_iterations: int = knob(20, "PPO iterations")
     ppo_epochs: int = knob(2, "PPO passes over each rollout")
     ppo_lr: float | None = knob(None, "PPO actor learning rate (default: 2e-4 for the demo, else the profile's)")
+    kl_coef: float = knob(0.05, "PPO KL penalty coefficient (the initial one: the KL is adaptive by default)")
+    kl_target: float | None = knob(None, "adaptive KL: per-sequence KL the coefficient steers to (default: 3 for "
+                                         "the demo, 6 for a named model; 0: a fixed coefficient)")
+    kl_horizon: int | None = knob(None, "adaptive KL horizon in samples: smaller reacts faster (default: 16 for "
+                                        "the demo, 10000 for a named model)")
+    reward_weight: float | None = knob(None, "weight of the program's score where PPO adds it to the reward "
+                                             "model's (default: 2 for the demo, else 1)")
+    train_rm: bool | None = knob(None, "train the reward model even with a program reward; PPO then adds both "
+                                       "scores (default: on for the demo, off otherwise)", flag="--train-rm/--no-train-rm")
+    temperature: float = knob(0.7, "PPO sampling temperature (the log-probs are taken at it too)")
+    missing_eos_penalty: float | None = knob(None, "PPO: subtract this from the score of a response cut before any "
+                                                   "EOS (default: 1 for the demo, off for a named model)")
     prompt_len: int | None = knob(None, "PPO prompt length (default: 64 for the demo, 256 for a named model)")
     response_len: int | None = knob(None, "PPO generated tokens (default: 16 for the demo, 256 for a named model)")
     rollout_batch: int = knob(8, "PPO prompts per rollout")
@@ -363,7 +386,9 @@ class AutoConfig:
 
     def resolve(self) -> "AutoConfig":
         """This config with the None shape fields filled: the demo's values or a named model's."""
-        fill = DEMO_SHAPE if self.model is None else NAMED_SHAPE
+        fill = dict(DEMO_SHAPE if self.model is None else NAMED_SHAPE)
+        if self.model is not None or self.reward_cmd is not None:
+            fill.pop("reward", None)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
     def shape(self) -> Shape:
@@ -372,6 +397,14 @@ class AutoConfig:
                      response_len=self.response_len, rollout_batch=self.rollout_batch)
 
 
-DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4}
-NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256}
+# The demo's PPO reward is the reward model's score plus twice the checker's (the right answer).
+# Measured alone, each failed: on the RM alone (30 steps on the 135M model: it learns brevity, few
+# facts) PPO found one-word nonsense ("SHOOT") that it scores high, held-out answers containing the
+# right word 35/96 -> 1/96; on the checker alone the reward was too sparse to move in 20 iterations
+# of 8 samples (mean 0.08, flat).
+DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4, "kl_target": 3.0,
+              "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
+              "missing_eos_penalty": 1.0}
+NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000,
+               "train_rm": False, "reward_weight": 1.0}
 

@@ -41,10 +41,11 @@ def byte_llama(tmp_path_factory):
 
 
 def _cfg(model, out, profile="qlora-shared", **kw):
-    prof = replace(load_profile(profile), lora_r=8, micro_batch=16, learning_rate=kw.pop("lr", 1e-2),
-                   lora_dropout=0.0, grad_ckpt=False)
+    """The shipped profile's dropout (0.05) and checkpointing, PPOConfig's KL coefficient (0.05):
+    only the LoRA rank, the micro-batch and the learning rate are the test's."""
+    prof = replace(load_profile(profile), lora_r=8, micro_batch=16, learning_rate=kw.pop("lr", 1e-2))
     base = dict(model=str(model), prompts=PROMPTS, out=out, profile=prof, iterations=8, rollout_batch=16,
-                prompt_len=48, response_len=2, ppo_epochs=4, kl_coef=0.0, progress=False)
+                prompt_len=48, response_len=2, ppo_epochs=4, progress=False)
     base.update(kw)
     return PPOConfig(**base)
 
@@ -74,7 +75,7 @@ def test_response_mask_stops_after_first_eos():
 
 @pytest.mark.parametrize("profile", ["qlora-shared", "lora-bf16-shared"])
 def test_programmatic_reward_rises_and_base_is_untouched(byte_llama, tmp_path, profile):
-    s = run_ppo(_cfg(byte_llama, tmp_path, profile, reward=f"{REWARDS}:ascii_share", iterations=12))
+    s = run_ppo(_cfg(byte_llama, tmp_path, profile, reward=f"{REWARDS}:ascii_share", iterations=12, lr=3e-3))
     r = _rewards(tmp_path)
     assert len(r) == 12
     # 2-token responses; seen over seeds 0-2 (4-bit): first-3 means 0.59-0.72, last-3 means 1.0
@@ -87,6 +88,23 @@ def test_programmatic_reward_rises_and_base_is_untouched(byte_llama, tmp_path, p
         assert key in rows[-1], key
     assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 10_000
     assert {"actor", "critic", "summary.json", "metrics.jsonl"} <= {p.name for p in (tmp_path / "ppo").iterdir()}
+
+
+def _kls(run: Path) -> list[float]:
+    return [json.loads(x)["kl"] for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_large_kl_coefficient_holds_the_policy_near_the_reference(byte_llama, tmp_path):
+    """Same reward and steps: without the penalty the policy drifts past BOUND nats per response
+    from the reference; with --kl-coef 1 it stays below BOUND all run."""
+    bound = 0.5
+    free = _kls(run_ppo(_cfg(byte_llama, tmp_path / "free", reward=f"{REWARDS}:ascii_share", kl_coef=0.0)) and
+                tmp_path / "free")
+    held = _kls(run_ppo(_cfg(byte_llama, tmp_path / "held", reward=f"{REWARDS}:ascii_share", kl_coef=1.0)) and
+                tmp_path / "held")
+    assert max(free) > bound, free
+    assert max(held) < bound, held
 
 
 def test_reward_command(byte_llama, tmp_path):
@@ -142,6 +160,23 @@ def test_critic_starts_as_the_trained_reward_model(tiny_llama, tmp_path):
         eng.use("critic")
         v = eng.scalar(eng.hidden_states(ids, am)[:, -1])
     assert torch.equal(r, v)
+
+    # reward model + program: PPO's score is the RM's plus reward_weight times the program's
+    from lowmem_rlhf.algo.experience import Rollout, make_experience
+    from lowmem_rlhf.algo.pairwise import last_token_scores
+    from lowmem_rlhf.algo.roles import Roles
+    from lowmem_rlhf.runtime.oom import MicroBatch
+
+    disable = lambda n: MicroBatch(n, "ppo", tmp_path, prof.name, knob="", elastic=False)  # noqa: E731
+    ro = Rollout(ids, am, ids[:, 5:], torch.ones(2, 4), ["p", "q"], ["a", "b"], torch.tensor([True, True]))
+    roles = Roles({r: eng for r in ("actor", "critic", "reward", "reference")})
+    exp = make_experience(roles, lambda size: ro, PPOConfig(reward_weight=2.0), 0.0, lambda p, t: [0.25, 1.0],
+                          disable(2), disable(2), 1, learned_reward=True)
+    eng.model.eval()
+    with torch.no_grad():
+        eng.use("reward")
+        rm = last_token_scores(eng, ids, am)
+    assert torch.allclose(exp.scores, rm + 2.0 * torch.tensor([0.25, 1.0]), atol=1e-5)
 
 
 def test_actor_step_moves_only_the_actor_and_critic_step_only_the_critic(tiny_llama):
@@ -212,10 +247,19 @@ def test_auto_runs_the_embedded_default_end_to_end(tmp_path, capsys, smollm2):
     s = json.loads((run / "summary.json").read_text())
     for stage in ("sft", "rm", "ppo"):
         assert (run / stage / "summary.json").exists()
-    assert 0.0 <= s["heldout_checker_sft"] <= 1.0 and 0.0 <= s["heldout_checker_ppo"] <= 1.0
-    assert s["rm"]["heldout_accuracy"] is not None
+    assert s["heldout_n"] == 96  # every bundled held-out question, none used in training
+    for policy in ("sft", "ppo"):
+        assert 0 <= s[f"heldout_correct_{policy}"] <= s[f"heldout_lenient_{policy}"] <= 96
+    ppo = json.loads((run / "ppo" / "summary.json").read_text())
+    answers = ppo["heldout_after"]["answers"]
+    from lowmem_rlhf.algo.demo_task import strict
+    from lowmem_rlhf.data import load_records
+
+    held = load_records(str(bundled_path("demo-heldout.jsonl")))
+    assert sum(strict(r, h["answer"]) for r, h in zip(answers, held)) == s["heldout_correct_ppo"]
+    assert s["rm"]["heldout_accuracy"] is not None and s["ppo_kl_last5"] is not None
     assert (run / "ppo" / "ppo.png").exists() and (run / "plan.json").exists()
-    assert "held-out checker score, PPO policy" in out and "wall time" in out
+    assert "held-out exactly the answer (SFT -> PPO)" in out and "wall time" in out
 
 
 def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_path, capsys):
@@ -230,3 +274,4 @@ def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_
     assert s["rm"] is None and not (run / "rm").exists()
     assert (run / "sft" / "summary.json").exists() and (run / "ppo" / "summary.json").exists()
     assert "reward model skipped" in out and s["heldout_checker_ppo"] is not None
+    assert s["heldout_correct_ppo"] is not None and s["heldout_n"] == 96

@@ -1,13 +1,20 @@
-"""The embedded demo task: answer simple questions with one word, checked by a program.
+"""The embedded demo task: answer simple questions with one word, scored on the *right* answer.
 
 Why this task: a program checks it in microseconds and without doubt, so SFT, the reward model and
 PPO can all be scored on held-out prompts; answers are a few tokens, so PPO rollouts are cheap on a
-CPU; and SmolLM2-135M-Instruct answers in sentences by default (about 1 in 8 sampled answers is one
-word), so there is room to learn. SFT trains on general instructions (self-instruct seed tasks),
-the reward model learns the checker's preference from pairs derived from the checker, and PPO
-optimises that reward.
+CPU; and SmolLM2-135M-Instruct often knows the answer but says it in a sentence, so there is room
+to learn the format *while keeping the knowledge*. SFT trains on general instructions
+(self-instruct seed tasks), the reward model learns the checker's preferences from pairs (right
+word over wrong word, right word over a sentence), PPO optimises that reward, and the policies
+are scored on held-out questions never used in training:
 
-`checker(prompts, responses)` is also a valid `--reward lowmem_rlhf.algo.demo_task:checker`.
+* strict: the response is exactly the answer (case, spaces and punctuation ignored);
+* lenient: the answer appears as a word in the response (the knowledge is there).
+
+`checker(prompts, responses)` is the reward: 1 strict; partial credit when only lenient, more for
+a shorter answer (0.5 for two words, 0.3 for six: `partial`); 0 for a wrong answer however short,
+so a one-word guess never beats a sentence with the right word. It is also a valid
+`--reward lowmem_rlhf.algo.demo_task:checker`.
 """
 
 from __future__ import annotations
@@ -16,61 +23,135 @@ import random
 import re
 
 SUFFIX = " Answer with one word."
+HELDOUT = 96  # questions never used in training (the split is fixed: seed 0)
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
     "Egypt": "Cairo", "Russia": "Moscow", "Greece": "Athens", "Norway": "Oslo", "Ireland": "Dublin",
     "Portugal": "Lisbon", "Austria": "Vienna", "Poland": "Warsaw", "Peru": "Lima", "Kenya": "Nairobi",
     "Cuba": "Havana", "Sweden": "Stockholm", "Finland": "Helsinki", "Thailand": "Bangkok", "Canada": "Ottawa",
+    "China": "Beijing", "England": "London", "Belgium": "Brussels", "Denmark": "Copenhagen", "Hungary": "Budapest",
+    "Chile": "Santiago", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "Syria": "Damascus",
+    "Vietnam": "Hanoi", "Australia": "Canberra", "Switzerland": "Bern", "Romania": "Bucharest",
+    "Bulgaria": "Sofia", "Venezuela": "Caracas", "Nigeria": "Abuja", "Morocco": "Rabat", "Ghana": "Accra",
+    "Indonesia": "Jakarta", "Philippines": "Manila", "Pakistan": "Islamabad", "Afghanistan": "Kabul",
+    "Scotland": "Edinburgh", "Wales": "Cardiff", "Iceland": "Reykjavik", "Croatia": "Zagreb", "Serbia": "Belgrade",
+    "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha", "Nepal": "Kathmandu", "Netherlands": "Amsterdam",
 }
 SOUNDS = {"moo": "cow", "woof": "dog", "meow": "cat", "oink": "pig", "quack": "duck", "baa": "sheep",
-          "neigh": "horse", "hiss": "snake", "roar": "lion", "hoot": "owl", "buzz": "bee", "cluck": "hen"}
+          "neigh": "horse", "hiss": "snake", "roar": "lion", "hoot": "owl", "buzz": "bee", "cluck": "hen",
+          "ribbit": "frog", "squeak": "mouse", "howl": "wolf", "gobble": "turkey", "coo": "pigeon"}
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow", "happy": "sad",
              "light": "dark", "early": "late", "open": "closed", "wet": "dry", "old": "new", "loud": "quiet",
-             "hard": "soft", "full": "empty", "rich": "poor", "true": "false"}
+             "hard": "soft", "full": "empty", "rich": "poor", "true": "false", "tall": "short", "good": "bad",
+             "in": "out", "left": "right", "yes": "no", "win": "lose", "thick": "thin", "clean": "dirty",
+             "strong": "weak", "push": "pull", "black": "white", "love": "hate", "inside": "outside",
+             "above": "below", "first": "last", "buy": "sell", "near": "far", "cheap": "expensive",
+             "front": "back", "north": "south", "east": "west", "smooth": "rough", "sweet": "sour"}
 COLORS = {"grass": "green", "the sky": "blue", "snow": "white", "coal": "black", "a banana": "yellow",
           "a tomato": "red", "an orange": "orange", "chocolate": "brown", "a lemon": "yellow", "milk": "white",
-          "blood": "red", "a carrot": "orange"}
+          "blood": "red", "a carrot": "orange", "a lime": "green", "the sun": "yellow", "a strawberry": "red",
+          "an eggplant": "purple", "a flamingo": "pink", "charcoal": "black", "a polar bear": "white"}
+PLURALS = {"mouse": "mice", "child": "children", "foot": "feet", "tooth": "teeth", "goose": "geese",
+           "man": "men", "woman": "women", "person": "people", "ox": "oxen", "cat": "cats", "box": "boxes",
+           "baby": "babies", "knife": "knives", "leaf": "leaves", "wolf": "wolves", "city": "cities"}
+BABIES = {"cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "horse": "foal", "duck": "duckling",
+          "frog": "tadpole", "bear": "cub", "kangaroo": "joey", "goose": "gosling", "swan": "cygnet", "pig": "piglet"}
+COUNTS = {"days are in a week": 7, "months are in a year": 12, "hours are in a day": 24,
+          "minutes are in an hour": 60, "seconds are in a minute": 60, "legs does a spider have": 8,
+          "legs does a dog have": 4, "legs does a bird have": 2, "legs does an insect have": 6,
+          "sides does a triangle have": 3, "sides does a square have": 4, "sides does a pentagon have": 5,
+          "sides does a hexagon have": 6, "sides does an octagon have": 8, "wheels does a bicycle have": 2,
+          "days are in a leap year": 366, "players are on a soccer team": 11, "continents are there": 7}
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def questions() -> list[tuple[str, str]]:
-    """(question, one-word answer) pairs, deterministic order."""
+    """(question, one-word answer) pairs, deterministic order, the suffix appended."""
     qa = []
     qa += [(f"What is the capital of {c}?", a) for c, a in CAPITALS.items()]
     qa += [(f"Which animal says '{s}'?", a) for s, a in SOUNDS.items()]
     qa += [(f"What is the opposite of '{w}'?", a) for w, a in OPPOSITES.items()]
     qa += [(f"What color is {t}?", a) for t, a in COLORS.items()]
+    qa += [(f"What is the plural of '{w}'?", a) for w, a in PLURALS.items()]
+    qa += [(f"What is a baby {w} called?", a) for w, a in BABIES.items()]
+    qa += [(f"How many {w}? Use digits.", str(n)) for w, n in COUNTS.items()]
     qa += [(f"What day comes after {d}?", DAYS[(i + 1) % 7]) for i, d in enumerate(DAYS)]
+    qa += [(f"What day comes before {d}?", DAYS[(i - 1) % 7]) for i, d in enumerate(DAYS)]
     qa += [(f"What month comes after {m}?", MONTHS[(i + 1) % 12]) for i, m in enumerate(MONTHS)]
-    qa += [(f"What is {a} plus {b}? Use digits.", str(a + b)) for a in range(1, 5) for b in range(1, 4)]
-    qa += [(f"How do you write the number {n} in words?", NUMBERS[n]) for n in range(11)]
+    qa += [(f"What month comes before {m}?", MONTHS[(i - 1) % 12]) for i, m in enumerate(MONTHS)]
+    qa += [(f"What letter comes after '{LETTERS[i]}' in the alphabet?", LETTERS[i + 1]) for i in range(0, 25, 2)]
+    qa += [(f"What is {a} plus {b}? Use digits.", str(a + b)) for a in range(1, 6) for b in range(1, 5)]
+    qa += [(f"What is {a} times {b}? Use digits.", str(a * b)) for a in range(2, 6) for b in range(2, 5)]
+    qa += [(f"What is {a} minus {b}? Use digits.", str(a - b)) for a in range(6, 10) for b in range(1, 4)]
+    qa += [(f"How do you write the number {n} in words?", NUMBERS[n]) for n in range(len(NUMBERS))]
     return [(q + SUFFIX, a) for q, a in qa]
 
 
-def split(seed: int = 0, heldout: int = 32) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def split(seed: int = 0, heldout: int = HELDOUT) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training questions, held-out questions): a fixed shuffle, the first `heldout` held out."""
     qa = questions()
     random.Random(seed).shuffle(qa)
     return qa[heldout:], qa[:heldout]
 
 
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
+_WORD = re.compile(r"[a-z0-9][a-z0-9'\-]*")
 
 
-def one_word_score(response: str) -> float:
-    """1.0 for exactly one word (trailing punctuation allowed), 1/n for n words, 0 for none."""
-    words = _WORD.findall(response.strip())
-    if not words:
-        return 0.0
-    return 1.0 / len(words)
+def words(text: str) -> list[str]:
+    """Lower-case words of `text`; punctuation, quotes and spaces dropped."""
+    return _WORD.findall(text.lower())
+
+
+def strict(response: str, answer: str) -> bool:
+    """The response is exactly the answer (case, spaces and punctuation ignored)."""
+    return words(response) == words(answer)
+
+
+def lenient(response: str, answer: str) -> bool:
+    """The answer appears as a word (or word sequence) in the response."""
+    got, want = words(response), words(answer)
+    return bool(want) and any(got[i: i + len(want)] == want for i in range(len(got) - len(want) + 1))
+
+
+def partial(n_words: int) -> float:
+    """Credit of an n-word answer (n >= 2) that contains the right one: 0.2 + 0.6 / n, so 0.5 for
+    two words, 0.3 for six, above 0.2 always: shorter is better, but only when it is right."""
+    return 0.2 + 0.6 / max(n_words, 2)
+
+
+def score(response: str, answer: str) -> float:
+    """1 for exactly the answer, `partial` for a longer response containing it, 0 otherwise."""
+    if strict(response, answer):
+        return 1.0
+    return partial(len(words(response))) if lenient(response, answer) else 0.0
+
+
+_ANSWERS: dict[str, str] = {}
+
+
+def answer_of(prompt: str) -> str | None:
+    """The expected answer of a demo question found in `prompt` (raw or chat-rendered), else None."""
+    if not _ANSWERS:
+        _ANSWERS.update(questions())
+    for q in sorted((q for q in _ANSWERS if q in prompt), key=len, reverse=True)[:1]:
+        return _ANSWERS[q]
+    return None
 
 
 def checker(prompts: list[str], responses: list[str]) -> list[float]:
-    """The programmatic reward: one-word score of each response."""
-    return [one_word_score(r) for r in responses]
+    """The programmatic reward: `score` of each response against its question's answer; a prompt
+    that is not a demo question scores 0."""
+    out = []
+    for p, r in zip(prompts, responses):
+        a = answer_of(p)
+        out.append(0.0 if a is None else score(r, a))
+    return out
 
 
 VERBOSE = [
@@ -83,10 +164,30 @@ VERBOSE = [
 ]
 
 
+def wrong_answer(q: str, a: str, qa: list[tuple[str, str]], rng: random.Random) -> str:
+    """A plausible wrong answer: another answer of the same question family when there is one."""
+    family = q.split(" ")[:3]
+    same = [x for p, x in qa if p.split(" ")[:3] == family and words(x) != words(a)]
+    pool = same or [x for _, x in qa if words(x) != words(a)]
+    return rng.choice(pool)
+
+
 def preference_pairs(qa: list[tuple[str, str]], seed: int = 0) -> list[dict]:
-    """Pairs derived from the checker: the one-word answer beats a sentence with the same answer."""
+    """Pairs that teach the checker's order, three per question: the right word beats a wrong
+    word (correctness), beats a sentence carrying it (brevity), and that sentence beats the same
+    kind of sentence with a wrong word (correctness again). (Measured: with "that sentence beats a
+    wrong word" instead, the 30-step RM learned neither order well, held-out accuracy 0.47 -> 0.60,
+    and PPO on it did not learn.)"""
     rng = random.Random(seed)
-    return [{"prompt": q, "chosen": a, "rejected": rng.choice(VERBOSE).format(a=a)} for q, a in qa]
+    pairs = []
+    for q, a in qa:
+        wrong = wrong_answer(q, a, qa, rng)
+        sentence = rng.choice(VERBOSE).format(a=a)
+        pairs += [{"prompt": q, "chosen": a, "rejected": wrong},
+                  {"prompt": q, "chosen": a, "rejected": sentence},
+                  {"prompt": q, "chosen": sentence, "rejected": rng.choice(VERBOSE[:2]).format(a=wrong)}]
+    rng.shuffle(pairs)
+    return pairs
 
 
 def rows(seed: int = 0) -> dict[str, list[dict]]:
@@ -99,4 +200,5 @@ def rows(seed: int = 0) -> dict[str, list[dict]]:
     }
 
 
-__all__ = ["checker", "one_word_score", "questions", "split", "preference_pairs", "rows"]
+__all__ = ["checker", "score", "strict", "lenient", "words", "answer_of", "questions", "split",
+           "preference_pairs", "rows", "partial", "HELDOUT"]

@@ -20,24 +20,46 @@ from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import optimizer_step
 
-LossFn = Callable[[SharedBase, Experience, list[int], PPOConfig], tuple[torch.Tensor, dict]]
+LossFn = Callable[[SharedBase, Experience, list[int], PPOConfig, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def actor_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate over the rows `idx`, with the actor active -> (loss, stats)."""
+def actor_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig,
+               tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate over the rows `idx`, with the actor active: the sum of their token losses
+    divided by `tokens`, the minibatch's response tokens -> (loss, stats)."""
     seqs, am = exp.rows(idx)
-    lp = logprobs_of(eng, response_hidden(eng, seqs, am, exp.prompt_len), exp.response[idx])
-    pl = M.policy_loss(lp, exp.logprobs[idx], exp.advantages[idx], exp.response_mask[idx], cfg.clip)
+    lp = logprobs_of(eng, response_hidden(eng, seqs, am, exp.prompt_len), exp.response[idx], cfg.temperature)
+    pl = M.policy_loss(lp, exp.logprobs[idx], exp.advantages[idx], exp.response_mask[idx], cfg.clip, tokens)
     return pl.loss, {"policy_loss": pl.loss.detach(), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl,
-                     "ratio_mean": pl.ratio_mean}
+                     "ratio_mean": pl.ratio_mean, "max_abs_log_ratio": pl.max_abs_log_ratio}
 
 
-def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss over the rows `idx`, with the critic active -> (loss, stats)."""
+def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig,
+                tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss over the rows `idx`, with the critic active, divided by `tokens` as
+    actor_loss -> (loss, stats)."""
     seqs, am = exp.rows(idx)
     v = eng.scalar(response_hidden(eng, seqs, am, exp.prompt_len))
-    vl, vf = M.value_loss(v, exp.values[idx], exp.returns[idx], exp.response_mask[idx], cfg.vf_clip)
+    vl, vf = M.value_loss(v, exp.values[idx], exp.returns[idx], exp.response_mask[idx], cfg.vf_clip, tokens)
     return vl, {"value_loss": vl.detach(), "vf_clip_frac": vf}
+
+
+def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, iteration: int, loss_of: LossFn,
+               cfg: PPOConfig) -> dict[str, list[torch.Tensor]]:
+    """Backward of `loss_of` over the rollout rows `chunk`, `size` rows at a time, gradients
+    accumulated in the active adapter. Each micro-batch's loss is its token sum over the chunk's
+    token count, so the gradient is the token mean over the chunk whatever `size` is (and the
+    micro-batches' loss values add up to the chunk's). -> per-micro-batch statistics (tensors)."""
+    tokens = exp.response_mask[chunk].sum().clamp(min=1)
+    st: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, len(chunk), size):
+        maybe_inject("ppo", iteration, size)
+        idx = chunk[s: s + size]
+        loss, extra = loss_of(eng, exp, idx, cfg, tokens)
+        eng.backward(loss)
+        for k, v in extra.items():  # kept as tensors: no host sync per micro-batch
+            st.setdefault(k, []).append(v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+    return st
 
 
 def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, scheduler, exp: Experience,
@@ -45,22 +67,11 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
                    cfg: PPOConfig) -> dict[str, list[torch.Tensor]]:
     """One optimizer step of the active adapter on the rollout rows `chunk`, accumulated over
     micro-batches (halved and retried on OOM)."""
-    def grads(size: int) -> dict[str, list[torch.Tensor]]:
-        st: dict[str, list[torch.Tensor]] = {}
-        for s in range(0, len(chunk), size):
-            maybe_inject("ppo", iteration, size)
-            idx = chunk[s: s + size]
-            loss, extra = loss_of(eng, exp, idx, cfg)
-            eng.backward(loss * len(idx) / len(chunk))
-            for k, v in extra.items():  # kept as tensors: no host sync per micro-batch
-                st.setdefault(k, []).append(v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
-        return st
-
     def reset() -> None:  # what an OOM mid-update undoes: the partial gradients and the pending forward
         opt.zero_grad(set_to_none=True)
         eng.abandon()
 
-    st = mb.run(iteration, grads, reset)
+    st = mb.run(iteration, lambda size: accumulate(eng, exp, chunk, size, iteration, loss_of, cfg), reset)
     optimizer_step(opt, eng.parameters_of(adapter), scheduler)
     return st
 
@@ -75,20 +86,32 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
                phase: Phase = lambda name: contextlib.nullcontext()) -> dict[str, torch.Tensor]:
     """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
     minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
-    order: the generator that shuffles the rows. -> the mean of each loss statistic (0-d tensors)."""
+    order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
+    over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
+    first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
+    exactly when the update repeats the rollout's forward (no dropout, same temperature)."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
-    for _epoch in range(cfg.ppo_epochs):
+    first: dict[str, torch.Tensor] = {}
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=order).tolist()
-        for chunk in [perm[i::n_mb] for i in range(n_mb)]:
+        for j, chunk in enumerate([perm[i::n_mb] for i in range(n_mb)]):
             for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
                 with phase(f"{role}_update"), roles.role(role) as eng:
                     st = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk, mb,
                                         iteration, loss_of, cfg)
+                for k in ("policy_loss", "value_loss"):  # micro-batch parts of one minibatch's loss
+                    if k in st:
+                        st[k] = [torch.stack(st[k]).sum()]
+                if epoch == 0 and j == 0:
+                    for k in ("max_abs_log_ratio", "clip_frac", "vf_clip_frac"):
+                        if k in st:
+                            first[f"first_{k}"] = torch.stack(st[k]).max()
                 for k, v in st.items():
                     stats.setdefault(k, []).extend(v)
-    return {k: torch.stack(v).mean() for k, v in stats.items() if v}
+    out = {k: (torch.stack(v).max() if k.startswith("max_") else torch.stack(v).mean()) for k, v in stats.items() if v}
+    return {**out, **first}
 
 
-__all__ = ["ppo_update", "minibatch_count", "update_adapter", "actor_loss", "critic_loss"]
+__all__ = ["ppo_update", "minibatch_count", "update_adapter", "accumulate", "actor_loss", "critic_loss"]

@@ -12,51 +12,82 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+# ---- log-probs without materialising full-vocabulary logits ---------------------------------------
+VOCAB_CHUNK = 4096  # vocabulary columns per block (the estimator's LOGPROB_VOCAB_CHUNK)
 
-# ---- log-probs without materialising fp32 logits --------------------------------------------------
-def _chunk_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = hidden @ weight.t()
+
+@dataclass(frozen=True)
+class LogitMap:
+    """The model's own path from output-layer logits z to the distribution that is sampled:
+    softcap(z * scale) / temperature, softcap(x) = cap * tanh(x / cap) (Gemma-2's final-logit
+    softcapping; scale: Cohere's logit_scale, 1 / Granite's logits_scaling; temperature: sampling's)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits
+
+
+IDENTITY = LogitMap()
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  fmap: LogitMap) -> torch.Tensor:
+    """fp32 logits of one vocabulary block: the product itself is taken in fp32 (16-bit logits are
+    rounded by up to ~0.06 nats at |z| ~ 20), then the model's logit map. (N, H) x (C, H) -> (N, C)."""
+    logits = hidden.float() @ weight.float().t()
     if bias is not None:
-        logits = logits + bias
-    return torch.logsumexp(logits.float(), dim=-1)
+        logits = logits + bias.float()
+    return fmap(logits)
+
+
+def _chunk_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmap: LogitMap) -> torch.Tensor:
+    return torch.logsumexp(_chunk_logits(hidden, weight, bias, fmap), dim=-1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   bias: torch.Tensor | None = None, vocab_chunk: int = 8192) -> torch.Tensor:
-    """log p(target) for hidden (N, H), output weight (V, H), targets (N,) -> (N,) fp32.
+                   bias: torch.Tensor | None = None, vocab_chunk: int = VOCAB_CHUNK,
+                   fmap: LogitMap = IDENTITY) -> torch.Tensor:
+    """log p(target) for hidden (N, H), output weight (V, H), targets (N,) -> (N,) fp32, p being
+    softmax(fmap(hidden @ weight.T + bias)) computed in fp32.
 
     The log-sum-exp runs over vocabulary chunks of `vocab_chunk` columns; under autograd each chunk
-    is checkpointed, so at most one (N, vocab_chunk) fp32 block is alive, forward or backward."""
-    hidden = hidden.to(weight.dtype)
+    is checkpointed, so at most one (N, vocab_chunk) fp32 block (and the chunk's fp32 weight) is
+    alive, forward or backward."""
     lse = None
     for s in range(0, weight.shape[0], vocab_chunk):
         w = weight[s: s + vocab_chunk]
         b = bias[s: s + vocab_chunk] if bias is not None else None
         if torch.is_grad_enabled() and hidden.requires_grad:
-            part = checkpoint(_chunk_lse, hidden, w, b, use_reentrant=False)
+            part = checkpoint(_chunk_lse, hidden, w, b, fmap, use_reentrant=False)
         else:
-            part = _chunk_lse(hidden, w, b)
+            part = _chunk_lse(hidden, w, b, fmap)
         lse = part if lse is None else torch.logaddexp(lse, part)
     target_logit = (hidden.float() * weight[targets].float()).sum(-1)
     if bias is not None:
         target_logit = target_logit + bias[targets].float()
-    return target_logit - lse
+    return fmap(target_logit) - lse
 
 
 @torch.no_grad()
 def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  vocab_chunk: int = 8192) -> torch.Tensor:
-    """Entropy of the next-token distribution, hidden (N, H) -> (N,) fp32 (two chunked passes)."""
-    hidden = hidden.to(weight.dtype)
+                  vocab_chunk: int = VOCAB_CHUNK, fmap: LogitMap = IDENTITY) -> torch.Tensor:
+    """Entropy of the sampled next-token distribution, hidden (N, H) -> (N,) fp32 (two chunked passes)."""
     lse = None
     for s in range(0, weight.shape[0], vocab_chunk):
-        part = _chunk_lse(hidden, weight[s: s + vocab_chunk], None if bias is None else bias[s: s + vocab_chunk])
+        part = _chunk_lse(hidden, weight[s: s + vocab_chunk], None if bias is None else bias[s: s + vocab_chunk], fmap)
         lse = part if lse is None else torch.logaddexp(lse, part)
     expected = torch.zeros_like(lse)
     for s in range(0, weight.shape[0], vocab_chunk):
-        logits = (hidden @ weight[s: s + vocab_chunk].t()).float()
-        if bias is not None:
-            logits = logits + bias[s: s + vocab_chunk].float()
+        logits = _chunk_logits(hidden, weight[s: s + vocab_chunk], None if bias is None else bias[s: s + vocab_chunk], fmap)
         expected += (torch.exp(logits - lse[:, None]) * logits).sum(-1)
     return lse - expected
 
@@ -125,6 +156,28 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
 
+class RunningMoments:
+    """Running mean and standard deviation of the scores over the run (Chan et al.'s parallel
+    update), for --reward-norm: scores (B,) -> (scores - mean) / std with the moments updated by
+    this batch first. Kept in the checkpoint (state_dict), so a resumed run normalises the same."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 0.0):
+        self.mean, self.var, self.count = mean, var, count
+
+    def normalize(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        x = scores.detach().double()
+        n, m, v = float(len(x)), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
+        total = self.count + n
+        delta = m - self.mean
+        var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, var, total
+        std = max(self.var, 0.0) ** 0.5
+        return (scores - self.mean) / (std + eps) if std > 0 else scores - self.mean
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards (B, T): -kl_coef * kl on every token, plus the score (B,) on the last
     response token of each row (found from the mask, never from token ids)."""
@@ -163,35 +216,47 @@ class PolicyLoss:
     clip_frac: torch.Tensor
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
+    max_abs_log_ratio: torch.Tensor
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """sum(x * mask) / tokens; tokens defaults to mask.sum(). Passing the whole minibatch's token
+    count makes the loss a token-level mean over the minibatch however it is split into
+    micro-batches: the micro-batches' losses then add up to it, and so do their gradients."""
+    if tokens is None:
+        return masked_mean(x, mask)
+    return (x * mask).sum() / tokens
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> PolicyLoss:
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = p / p_old."""
+                clip: float = 0.2, tokens: torch.Tensor | float | None = None) -> PolicyLoss:
+    """Clipped surrogate: token mean (see token_mean) of max(-A r, -A clip(r, 1-eps, 1+eps)),
+    r = p / p_old; (B, T) inputs. The statistics are means over this call's tokens."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    loss = token_mean(torch.maximum(pg1, pg2), mask, tokens)
     with torch.no_grad():
         clip_frac = masked_mean((pg2 > pg1).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 of new vs old
         ratio_mean = masked_mean(ratio, mask)
-    return PolicyLoss(loss, clip_frac, approx_kl, ratio_mean)
+        max_abs_log_ratio = (log_ratio.abs() * mask).max()
+    return PolicyLoss(loss, clip_frac, approx_kl, ratio_mean, max_abs_log_ratio)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * mean(max((v - R)^2, (v_clip - R)^2)); returns (loss, clip fraction)."""
+               clip: float = 0.2, tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * token_mean(max((v - R)^2, (v_clip - R)^2)); -> (loss, clip fraction)."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    loss = 0.5 * token_mean(torch.maximum(l1, l2), mask, tokens)
     with torch.no_grad():
         frac = masked_mean((l2 > l1).float(), mask)
     return loss, frac
 
 
-__all__ = ["token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate",
+__all__ = ["LogitMap", "IDENTITY", "VOCAB_CHUNK", "token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate",
            "FixedKLController", "AdaptiveKLController", "shaped_rewards", "gae", "policy_loss",
-           "value_loss", "PolicyLoss"]
+           "value_loss", "PolicyLoss", "token_mean", "RunningMoments"]

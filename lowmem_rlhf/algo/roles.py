@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import Profile
-from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.model.adapters import SharedBase, disable_dropout
 
 
 class Roles:
@@ -38,7 +38,15 @@ class Roles:
 
 
 def build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bool, seed: int) -> Roles:
-    """loaded_fn() -> a freshly loaded base (called once when shared, once per role when separate)."""
+    """loaded_fn() -> a freshly loaded base (called once when shared, once per role when separate).
+    Every dropout is off (Profile.for_rl): scoring and the update run the same forward."""
+    roles = _build_roles(loaded_fn, prof.for_rl(), rm_adapter, separate, seed)
+    for eng in roles.unique():
+        disable_dropout(eng.model)
+    return roles
+
+
+def _build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bool, seed: int) -> Roles:
     if not separate:
         engine = SharedBase(loaded_fn(), prof, seed=seed)
         attach_roles(engine, rm_adapter)

@@ -385,12 +385,14 @@ class _Rehearsal:
         from lowmem_rlhf.algo.ppo import ppo_update
         from lowmem_rlhf.algo.roles import Roles
         from lowmem_rlhf.config import PPOConfig
+        from lowmem_rlhf.model.adapters import disable_dropout
         from lowmem_rlhf.runtime.oom import MicroBatch
 
         if not (self.profile.is_lora and self.profile.shared_base):
             raise UserError("--simulate models PPO on one shared base with LoRA adapters "
                             "(profile shared_base: true, lora_r > 0)")
         self.add_roles([("reward", True), ("critic", True), ("actor", False)])
+        disable_dropout(self.engine.model)  # as algo.roles.build_roles: the RL stage has no dropout
         optimizers = {"actor": self.optimizer("actor"), "critic": self.optimizer("critic")}
         B, P, R = shape.rollout_batch, shape.prompt_len, shape.response_len
         cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
@@ -405,7 +407,8 @@ class _Rehearsal:
         def sample(rows: int) -> Rollout:
             with torch.no_grad():
                 kv[0], seqs = self.generation(prompts, R)
-            return Rollout(seqs, None, seqs[:, P:], torch.ones(B, R, device=self.device), [], [])
+            return Rollout(seqs, None, seqs[:, P:], torch.ones(B, R, device=self.device), [], [],
+                           torch.zeros(B, dtype=torch.bool, device=self.device))
 
         self.engine.model.train()
         exp = make_experience(roles, sample, cfg, cfg.kl_coef, None, gen_mb, mb, 1, self.phase)
@@ -455,7 +458,7 @@ def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: s
         warnings.simplefilter("ignore")
         with tracker, tracker.auto_tagging(*PHASE_TAGS.values()):
             tracker.register_module(loaded.model, _param_tag)
-            reh = _Rehearsal(loaded, profile, tracker)
+            reh = _Rehearsal(loaded, profile.for_rl() if stage == "ppo" else profile, tracker)
             if stage == "sft":
                 reh.sft(shape)
             elif stage == "rm":

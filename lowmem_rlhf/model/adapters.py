@@ -259,6 +259,22 @@ class SharedBase:
         return out_dir
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Every dropout of the model off, for the RL stages: nn.Dropout modules (LoRA's included, also
+    those of adapters loaded with their own dropout) get p = 0 (torch then returns the input
+    itself: no mask, no copy), attention-probability dropout rates 0. -> how many were on."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            n += 1
+        for attr in ("attention_dropout", "dropout_p"):
+            if isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0:
+                setattr(module, attr, 0.0)
+                n += 1
+    return n
+
+
 def _belongs(param_name: str, adapter: str) -> bool:
     return (f".lora_A.{adapter}." in param_name or f".lora_B.{adapter}." in param_name
             or f"{HEAD}.modules_to_save.{adapter}." in param_name)
@@ -270,4 +286,4 @@ def _file_key(param_name: str, adapter: str) -> str:
             .replace(f"{HEAD}.modules_to_save.", f"{HEAD}.", 1))
 
 
-__all__ = ["SharedBase", "AdapterSwitchError", "read_meta", "HEAD", "META_FILE"]
+__all__ = ["SharedBase", "AdapterSwitchError", "disable_dropout", "read_meta", "HEAD", "META_FILE"]

@@ -122,6 +122,36 @@ def output_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     return name, out
 
 
+# Model-specific maps from the output layer's logits to the distribution the model samples from,
+# read from its config. Supported: multiplied (Cohere's logit_scale, output_multiplier), divided
+# (Granite's logits_scaling), then softcapped (Gemma-2/3's final_logit_softcapping). A config with a
+# logit map we do not apply is refused: its log-probs would belong to another distribution.
+LOGIT_MULTIPLIERS = ("logit_scale", "output_multiplier")
+LOGIT_DIVISORS = ("logits_scaling",)
+UNSUPPORTED_LOGIT_MAPS = ("lm_head_multiplier", "mup_output_alpha", "logits_soft_cap")
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) of the model's own logits: softcap(z * scale). One-line UserError for a
+    config whose logit map is not applied here."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in UNSUPPORTED_LOGIT_MAPS:
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            raise UserError(f"{type(cfg).__name__}: its logits go through {key}={getattr(cfg, key)}, which "
+                            "lowmem-rlhf does not apply to PPO's log-probs yet; use another model")
+    scale = 1.0
+    for key in LOGIT_MULTIPLIERS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            scale *= float(v)
+    for key in LOGIT_DIVISORS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v:
+            scale /= float(v)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack without the output layer (returns last hidden states)."""
     prefix = getattr(model, "base_model_prefix", "model")
@@ -279,5 +309,5 @@ def read_adapter_meta(path: str | Path) -> dict:
 
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "resolve_source", "output_layer", "backbone",
-           "lora_target_names", "guard_bnb_cpu_repack", "merge_adapter", "attention_implementation",
+           "lora_target_names", "logit_transform", "guard_bnb_cpu_repack", "merge_adapter", "attention_implementation",
            "fingerprint_of", "read_adapter_meta", "enable_checkpointing", "prepare_base", "TORCH_DTYPES"]

@@ -24,6 +24,7 @@ outside the torch allocator), plus CPU RAM.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -326,20 +327,20 @@ def logits_bytes(spec: ModelSpec, profile: Profile, tokens: int) -> int:
     return (p + 4 + 4) * tokens * spec.vocab_size
 
 
-LOGPROB_VOCAB_CHUNK = 8192  # ppo_math.token_logprobs / token_entropy: vocabulary columns per block
+LOGPROB_VOCAB_CHUNK = 4096  # ppo_math.VOCAB_CHUNK: vocabulary columns per block
 
 
 def chunked_logprob_bytes(spec: ModelSpec, profile: Profile, tokens: int, grad: bool) -> int:
     """Peak of PPO's log-probs (ppo_math.token_logprobs), which never builds (tokens, vocab) logits:
-    one (tokens, chunk) block at a time: 16-bit logits, their fp32 copy and exp/product temporaries
-    (entropy, under no_grad), or in the checkpointed backward the recomputed block, its fp32
-    gradient and the 16-bit gradient; plus the gathered target rows in fp32 (tokens, hidden).
+    one (tokens, chunk) block at a time, its product taken in fp32 (docs: log-prob precision):
+    the chunk's fp32 weight copy and the hidden states' fp32 copy, the fp32 logits and the
+    exp/product temporaries (entropy, under no_grad), or in the checkpointed backward the
+    recomputed block and its fp32 gradient; plus the gathered target rows in fp32 (tokens, hidden).
     Correction from the meta-device rehearsal (simulate.py): the estimator charged PPO the SFT
     loss's full-vocabulary logits over prompt + response, +25-50% on small models' actor update."""
-    p = act_bytes(profile)
     chunk = min(LOGPROB_VOCAB_CHUNK, spec.vocab_size)
-    per_elem = (2 * p + 12) if grad else (p + 12)
-    return per_elem * tokens * chunk + 12 * tokens * spec.hidden_size
+    per_elem = 16 if grad else 12
+    return per_elem * tokens * chunk + 4 * chunk * spec.hidden_size + 16 * tokens * spec.hidden_size
 
 
 def dequant_transient_bytes(spec: ModelSpec, profile: Profile) -> int:
@@ -431,8 +432,9 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
         phase = _train_step("train_step", spec, profile, tokens, static, trained,
                             lm_logits=(stage == "sft"), target=target)
         phases = [phase]
-    else:
-        phases = _ppo_phases(spec, profile, shape, base, head, target, separate_models, notes)
+    else:  # the RL stage runs without dropout (Profile.for_rl, adapters.disable_dropout)
+        rl_spec = dataclasses.replace(spec, attn_dropout=0.0, hidden_dropout=0.0)
+        phases = _ppo_phases(rl_spec, profile.for_rl(), shape, base, head, target, separate_models, notes)
     if profile.offload == "zero3":
         if stage == "ppo":
             notes.append(ZERO3_PPO_REASON)

@@ -72,27 +72,36 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                 SFTConfig(data=cfg.sft_data, max_len=cfg.seq_len, batch=cfg.sft_batch, max_steps=cfg.sft_steps,
                           **common))
     rm = None
-    if not (cfg.reward or cfg.reward_cmd):
+    program = bool(cfg.reward or cfg.reward_cmd)
+    if not program or cfg.train_rm:
         rm = stage("rm", f"2/3 reward model on {cfg.pairs}", run_rm,
                    RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.seq_len, batch=cfg.rm_batch,
-                            max_steps=cfg.rm_steps, eval_fraction=0.2, **common))
+                            max_steps=cfg.rm_steps, eval_fraction=0.1, **common))
     else:
         console.print("2/3 reward model skipped: the reward is a program")
-    ppo = stage("ppo", f"3/3 PPO on {cfg.prompts}", run_ppo,
+    reward = " + ".join(x for x in ("the reward model" if rm is not None else "", cfg.reward or cfg.reward_cmd) if x)
+    ppo = stage("ppo", f"3/3 PPO on {cfg.prompts} (reward: {reward})", run_ppo,
                 PPOConfig(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
+                          reward_weight=cfg.reward_weight or 1.0, temperature=cfg.temperature,
+                          missing_eos_penalty=cfg.missing_eos_penalty,
                           reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
-                          ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+                          ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
+                          kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
                           rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len,
                           response_len=cfg.response_len, eval_prompts=cfg.heldout,
                           eval_reward=cfg.eval_reward, **common))
+    before, after = ppo["heldout_before"] or {}, ppo["heldout_after"] or {}
     summary = {
         "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,
         "sft": {"eval_loss_before": sft["eval_loss_before"], "eval_loss_after": sft["eval_loss_after"]},
         "rm": None if rm is None else {"heldout_accuracy_before": (rm["eval_before"] or {}).get("accuracy"),
                                        "heldout_accuracy": (rm["eval_after"] or {}).get("accuracy")},
-        "heldout_checker_sft": (ppo["heldout_before"] or {}).get("score"),
-        "heldout_checker_ppo": (ppo["heldout_after"] or {}).get("score"),
+        "heldout_checker_sft": before.get("score"), "heldout_checker_ppo": after.get("score"),
+        "heldout_n": after.get("n"),
+        "heldout_correct_sft": before.get("correct"), "heldout_correct_ppo": after.get("correct"),
+        "heldout_lenient_sft": before.get("lenient"), "heldout_lenient_ppo": after.get("lenient"),
         "ppo_reward_first5": ppo["reward_first5"], "ppo_reward_last5": ppo["reward_last5"],
+        "ppo_kl_last5": ppo.get("kl_last5"), "ppo_kl_coef_final": ppo.get("kl_coef_final"),
         "plot": str(run / "ppo" / "ppo.png"),
     }
     write_json(run / "summary.json", summary)

@@ -10,12 +10,15 @@ The scaffold (`stages/scaffold.py`) owns the run folder, resume, checkpoints and
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo import ppo_math as M
+from lowmem_rlhf.algo.demo_task import lenient, strict
 from lowmem_rlhf.algo.experience import (
     Experience,
     Rollout,
@@ -29,7 +32,7 @@ from lowmem_rlhf.algo.roles import Roles, attach_roles, base_fingerprint, build_
 from lowmem_rlhf.config import PPOConfig, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
-from lowmem_rlhf.model.loading import load_model
+from lowmem_rlhf.model.loading import load_model, logit_transform
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import default_warmup, make_optimizer, warmup_cosine
 from lowmem_rlhf.runtime.runs import finished_adapter
@@ -39,11 +42,13 @@ PHASES = ("generation", "scoring", "actor_update", "critic_update")
 
 
 def make_reward(cfg: PPOConfig):
-    """The programmatic reward (a function or an evaluator command), or None for the learned RM."""
-    given = [x for x in (cfg.reward_model, cfg.reward, cfg.reward_cmd) if x]
-    if len(given) != 1:
-        raise UserError("PPO needs exactly one reward: --reward-model RUN/rm, --reward module:function "
-                        f"or --reward-cmd \"...\" (got {len(given)})")
+    """The programmatic reward (a function or an evaluator command), or None when the reward is the
+    learned RM alone. With --reward-model too, the RM's score and the program's are added."""
+    if cfg.reward and cfg.reward_cmd:
+        raise UserError("--reward and --reward-cmd are both given; pass one program (a --reward-model may join it)")
+    if not (cfg.reward_model or cfg.reward or cfg.reward_cmd):
+        raise UserError("PPO needs a reward: --reward-model RUN/rm, --reward module:function or --reward-cmd \"...\" "
+                        "(a reward model and one program are added)")
     if cfg.reward:
         return FunctionReward(cfg.reward)
     if cfg.reward_cmd:
@@ -53,7 +58,9 @@ def make_reward(cfg: PPOConfig):
 
 @torch.no_grad()
 def score_policy(roles: Roles, prompts: list[D.PromptExample], fn, tok, cfg: PPOConfig, use_reference: bool) -> dict:
-    """Greedy answers of the actor (or the reference = SFT policy) on held-out prompts, scored by fn."""
+    """Greedy answers of the actor (or the reference = SFT policy) on held-out prompts, scored by
+    fn. Where the rows carry an `answer`, also how many responses are exactly it (`correct`,
+    case and punctuation ignored) and how many contain it (`lenient`), of `n`."""
     ids = [D.tokenize_prompt(p, tok, cfg.prompt_len) for p in prompts]
     texts = [D.render_prompt(tok, p.prompt) for p in prompts]
     scores, answers = [], []
@@ -63,7 +70,12 @@ def score_policy(roles: Roles, prompts: list[D.PromptExample], fn, tok, cfg: PPO
             ro = generate(eng, chunk, tok, cfg.response_len, 1.0, 1.0, greedy=True)
         answers += ro.texts
         scores += list(fn(texts[i: i + len(chunk)], ro.texts))
-    return {"score": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": answers[:5]}
+    out = {"score": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": answers[:5], "answers": answers}
+    expected = [p.meta.get("answer") for p in prompts]
+    if all(isinstance(a, (str, int, float)) for a in expected):
+        out["correct"] = sum(strict(r, str(a)) for r, a in zip(answers, expected))
+        out["lenient"] = sum(lenient(r, str(a)) for r, a in zip(answers, expected))
+    return out
 
 
 def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
@@ -91,6 +103,8 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
         "iteration": it + 1, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
         "kl": exp.seq_kl, "kl_coef": kl_coef, "entropy": float(M.masked_mean(exp.entropy, m)),
         "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size, "lr": lr,
+        "train_score_mean": float(exp.train_scores.mean()),
+        "ended_fraction": 1.0 if exp.ended is None else float(exp.ended.float().mean()),
         "generation_batch": gen_mb.size, "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
         **{k: float(v) for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},
         "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
@@ -106,6 +120,7 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
 
 
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
+    cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
     prof = cfg.profile
     reward_fn = make_reward(cfg)
     merged = [finished_adapter(cfg.sft, "--sft", "SFT", "RUN/sft")] if cfg.sft is not None else []
@@ -119,6 +134,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                                   f"--prompt-len + --response-len ({cfg.prompt_len} + {cfg.response_len})"),
                          merged=merged)
         device, tok, first = loaded.device, loaded.tokenizer, [loaded]
+        logit_transform(loaded.model.config)  # refuses, before any work, a logit map we do not apply
         prompts = D.to_prompts(D.load_records(cfg.prompts), cfg.prompts)
         prompt_ids = [D.tokenize_prompt(p, tok, cfg.prompt_len) for p in prompts]
         prompt_texts = [D.render_prompt(tok, p.prompt) for p in prompts]
@@ -139,16 +155,21 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         sampler, order = D.EpochSampler(len(prompts), cfg.seed), torch.Generator().manual_seed(cfg.seed)
         parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
                      optimizers=optimizers, schedulers=schedulers, samplers={"prompts": sampler, "minibatch_order": order})
+        moments = M.RunningMoments() if cfg.reward_norm else None
         state = st.resume({"rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
-                           "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value}, parts,
+                           "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value,
+                           "reward_moments": None if moments is None else moments.state_dict()}, parts,
                           cfg.iterations)
         mb.size, gen_mb.size, kl_ctl.value = state["micro_batch"], state["generation_batch"], state["kl_coef"]
+        if moments is not None and state.get("reward_moments"):
+            moments = M.RunningMoments(**state["reward_moments"])
         if st.resumed is None and held and eval_fn:
             state["eval_before"] = score_policy(roles, held, eval_fn, tok, cfg, use_reference=True)
 
         # ---- loop -----------------------------------------------------------------------------
         def sync() -> None:  # what the checkpoint after each iteration (skipped or not) must hold
-            state.update(micro_batch=mb.size, generation_batch=gen_mb.size, kl_coef=kl_ctl.value)
+            state.update(micro_batch=mb.size, generation_batch=gen_mb.size, kl_coef=kl_ctl.value,
+                         reward_moments=None if moments is None else moments.state_dict())
 
         for it in st.steps(cfg.iterations, sync):
             pick = sampler.draw(B)
@@ -164,7 +185,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                                           cfg.temperature, cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick])
 
             try:
-                exp = make_experience(roles, sample, cfg, kl_ctl.value, reward_fn, gen_mb, mb, it + 1, phase)
+                exp = make_experience(roles, sample, cfg, kl_ctl.value, reward_fn, gen_mb, mb, it + 1, phase, moments,
+                                      learned_reward=rm_adapter is not None)
             except RewardError as e:
                 state["skipped"] += 1
                 state["skip_reason"] = str(e)
@@ -177,6 +199,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                               st, cfg, device)
             st.log(postfix={"reward": row["reward_mean"], "kl": row["kl"]}, **row)
             state["rewards"].append(row["reward_mean"])
+            state.setdefault("kls", []).append(row["kl"])
             state["iter_seconds"].append(sum(times.values()))
         if state["skipped"] == cfg.iterations:
             raise UserError(f"every PPO iteration was skipped because the reward failed ({cfg.iterations} of "
@@ -184,7 +207,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         eval_after = score_policy(roles, held, eval_fn, tok, cfg, use_reference=False) if held and eval_fn else None
 
         # ---- save -----------------------------------------------------------------------------
-        meta = {"stage": "ppo", "merged": [str(p) for p in merged]}
+        meta = {"stage": "ppo", "merged": [str(Path(p).resolve()) for p in merged]}
         roles.engines["actor"].save_adapter("actor", st.out / "actor", extra_meta=meta)
         roles.engines["critic"].save_adapter("critic", st.out / "critic", extra_meta=meta)
         counted: dict[str, int] = {}
@@ -194,8 +217,9 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         rewards = state["rewards"]
         summary = st.finish({
             "iterations": cfg.iterations, "skipped_iterations": state["skipped"], "merged_sft": [str(p) for p in merged],
-            "reward": cfg.reward or cfg.reward_cmd or str(cfg.reward_model),
+            "reward": " + ".join(str(x) for x in (cfg.reward_model, cfg.reward, cfg.reward_cmd) if x),
             "reward_first5": _mean(rewards[:5]), "reward_last5": _mean(rewards[-5:]),
+            "kl_last5": _mean(state.get("kls", [])[-5:]), "kl_coef_final": kl_ctl.value,
             "heldout_before": state["eval_before"], "heldout_after": eval_after,
             "base_sha256_before": base_before, "base_sha256_after": base_fingerprint(roles.engines["actor"]),
             "separate_models": cfg.separate_models, "seconds_per_iteration": _mean(state["iter_seconds"]),

@@ -1,0 +1,238 @@
+"""Exact on-policy PPO: the update's forward is the rollout's, its log-probs are those of the
+distribution that was sampled, its gradient does not depend on the micro-batch size.
+Real tiny models on CPU; each test fails without the fix it names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_rlhf.algo import ppo_math as M
+from lowmem_rlhf.algo.experience import (
+    Experience,
+    adjust_scores,
+    generate,
+    logprobs_of,
+    response_hidden,
+    stop_ids,
+)
+from lowmem_rlhf.algo.ppo import accumulate, actor_loss, critic_loss
+from lowmem_rlhf.algo.roles import attach_roles
+from lowmem_rlhf.config import PPOConfig, load_profile
+from lowmem_rlhf.data import bundled_path
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.adapters import SharedBase, disable_dropout
+from lowmem_rlhf.model.loading import load_model, logit_transform
+from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
+from lowmem_rlhf.stages.ppo import run_ppo
+
+ASSETS = Path(__file__).parent / "assets"
+REWARDS = ASSETS / "rewards.py"
+PROMPTS = str(bundled_path("demo-prompts.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    """Tiny Llama over the byte vocabulary, with large logits (initializer_range 0.2)."""
+    cfg = tiny_llama_config()
+    cfg.vocab_size, cfg.initializer_range = 260, 0.2
+    return save_random(cfg, tmp_path_factory.mktemp("byte-llama-exact"))
+
+
+def _fp32_profile():
+    return replace(load_profile("lora-bf16-shared"), dtype="fp32", lora_r=8, micro_batch=4)
+
+
+@pytest.mark.slow
+def test_first_minibatch_ratio_is_one_with_the_shipped_profile(byte_llama, tmp_path):
+    """Shipped qlora-shared (LoRA dropout 0.05 in the YAML, checkpointing on), KL on, sampling at
+    temperature 0.7: in every iteration the first minibatch, before any step of that iteration,
+    has ratio 1 (the rollout's scoring and the update run the same forward, on the distribution
+    that was sampled) and nothing clipped. Iterations 2+ matter: the actor's LoRA B is 0 in
+    iteration 1, where dropout on its input changes nothing."""
+    temperature = 0.7
+    prof = load_profile("qlora-shared")
+    assert prof.lora_dropout == 0.05 and prof.grad_ckpt
+    run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=replace(prof, micro_batch=4),
+                      iterations=3, rollout_batch=8, prompt_len=48, response_len=6, ppo_epochs=2, lr=1e-2,
+                      reward=f"{REWARDS}:ascii_share", temperature=temperature, progress=False))
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["first_max_abs_log_ratio"] < 1e-5, r
+        assert r["first_clip_frac"] == 0.0 and r["first_vf_clip_frac"] == 0.0, r
+    assert rows[-1]["approx_kl"] > 0  # the policy did move within iterations
+    saved = json.loads((tmp_path / "ppo" / "config.json").read_text())
+    assert saved["profile"]["lora_dropout"] == 0.0  # the resolved config says what ran
+
+
+def test_disable_dropout_turns_off_every_dropout(tiny_gpt2):
+    """GPT-2 has residual/embedding dropout (0.1) besides LoRA's: all become identities."""
+    prof = replace(load_profile("lora-bf16-shared"), dtype="fp32")
+    eng = SharedBase(load_model(str(tiny_gpt2), prof), prof)
+    eng.add_adapter("actor")
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in eng.model.modules())
+    assert disable_dropout(eng.model) > 0
+    assert all(m.p == 0 for m in eng.model.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.randint(3, 200, (2, 12))
+    eng.model.train()
+    a, b = eng.hidden_states(ids, None), eng.hidden_states(ids, None)
+    assert torch.equal(a, b)
+
+
+def test_logprobs_follow_the_sampling_temperature(byte_llama):
+    """logprobs_of at T equals log_softmax(model logits / T): the distribution generate samples."""
+    prof = _fp32_profile()
+    eng = SharedBase(load_model(str(byte_llama), prof, training=False), prof)
+    ids = torch.randint(3, 259, (2, 10))
+    with torch.no_grad():
+        logits = eng.loaded.model(input_ids=ids).logits[:, 4:-1].double()
+        h = response_hidden(eng, ids, torch.ones_like(ids), 5)
+        for t in (1.0, 0.7):
+            ours = logprobs_of(eng, h, ids[:, 5:], t)
+            ref = torch.log_softmax(logits / t, -1).gather(-1, ids[:, 5:, None]).squeeze(-1)
+            assert (ours.double() - ref).abs().max() < 1e-4, t
+        assert (logprobs_of(eng, h, ids[:, 5:], 0.7) - logprobs_of(eng, h, ids[:, 5:], 1.0)).abs().max() > 1e-2
+
+
+def _tiny_gemma2(folder: Path, softcap: float) -> Path:
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       final_logit_softcapping=softcap, attn_logit_softcapping=50.0, sliding_window=64,
+                       initializer_range=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return save_random(cfg, folder)
+
+
+def test_logprobs_go_through_the_models_softcapping(tmp_path):
+    """Gemma-2 softcaps its final logits (cap * tanh(z / cap)): our chunked log-probs equal
+    log_softmax(model(...).logits), the model's own output, within 1e-4."""
+    folder = _tiny_gemma2(tmp_path / "gemma2", softcap=3.0)
+    prof = replace(_fp32_profile(), attn_impl="eager")  # Gemma-2's attention softcapping has no SDPA path
+    eng = SharedBase(load_model(str(folder), prof, training=False), prof)
+    assert logit_transform(eng.loaded.model.config) == (1.0, 3.0)
+    ids = torch.randint(3, 259, (2, 12))
+    with torch.no_grad():
+        logits = eng.loaded.model(input_ids=ids).logits[:, 5:-1].double()
+        assert logits.abs().max() <= 3.0  # the cap is in the model's own output
+        ours = logprobs_of(eng, response_hidden(eng, ids, torch.ones_like(ids), 6), ids[:, 6:])
+    ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
+    assert (ours.double() - ref).abs().max() < 1e-4
+
+
+def test_logit_scales_are_read_and_unknown_maps_refused():
+    from transformers import CohereConfig, GraniteConfig, LlamaConfig
+
+    assert logit_transform(CohereConfig(logit_scale=0.0625)) == (0.0625, None)
+    assert logit_transform(GraniteConfig(logits_scaling=8.0)) == (0.125, None)
+    assert logit_transform(LlamaConfig()) == (1.0, None)
+    odd = LlamaConfig()
+    odd.lm_head_multiplier = 0.5
+    with pytest.raises(UserError, match="lm_head_multiplier=0.5"):
+        logit_transform(odd)
+
+
+def _experience(eng: SharedBase, B=8, P=6, R=5, seed=0) -> Experience:
+    """A rollout of random tokens with ragged response lengths, scored by the actor itself."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(3, 259, (B, P + R), generator=g)
+    lengths = torch.randint(1, R + 1, (B,), generator=g)
+    m = (torch.arange(R)[None] < lengths[:, None]).float()
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long), m.long()], 1)
+    with torch.no_grad():
+        eng.use("actor")
+        old = logprobs_of(eng, response_hidden(eng, seqs, mask, P), seqs[:, P:])
+        eng.use("critic")
+        values = eng.scalar(response_hidden(eng, seqs, mask, P))
+    adv = torch.randn(B, R, generator=g) * m
+    return Experience(seqs, mask, seqs[:, P:], m, [], [], None, logprobs=old - 0.3 * torch.rand(B, R, generator=g),
+                      values=values, advantages=adv, returns=values + torch.randn(B, R, generator=g))
+
+
+@pytest.mark.parametrize("loss_of,role", [(actor_loss, "actor"), (critic_loss, "critic")])
+def test_gradient_does_not_depend_on_the_micro_batch(byte_llama, loss_of, role):
+    """Ragged responses, fp32: the accumulated gradient at micro-batch 1 equals the one at
+    micro-batch 4 (and at 8, one pass) within 1e-5: the loss is a token mean over the whole
+    minibatch. (Weighting micro-batch token means by rows, as before, differs by ~1e-2.)"""
+    prof = _fp32_profile()
+    eng = SharedBase(load_model(str(byte_llama), prof), prof, seed=0)
+    attach_roles(eng, None)
+    disable_dropout(eng.model)
+    with torch.no_grad():  # a nonzero actor, so the gradient reaches both LoRA factors
+        for n, p in eng.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    exp = _experience(eng)
+    cfg = PPOConfig(clip=0.2, vf_clip=0.2)
+    chunk = list(range(8))
+    grads = {}
+    for size in (1, 4, 8):
+        eng.use(role)
+        for p in eng.parameters_of(role):
+            p.grad = None
+        accumulate(eng, exp, chunk, size, 1, loss_of, cfg)
+        grads[size] = torch.cat([p.grad.flatten() for p in eng.parameters_of(role)])
+    assert grads[8].abs().max() > 1e-4
+    for size in (1, 4):
+        assert (grads[size] - grads[8]).abs().max() < 1e-5, size
+
+
+def test_logsoftmax_is_fp32_on_a_bf16_model(byte_llama):
+    """bf16 weights, logits of magnitude ~10-30: the log-probs are within 1e-3 nats of an fp64
+    reference from the same hidden states (16-bit logits would be off by up to ~0.1)."""
+    prof = replace(load_profile("lora-bf16-shared"), lora_r=8)
+    eng = SharedBase(load_model(str(byte_llama), prof, training=False), prof)
+    ids = torch.randint(3, 259, (4, 16))
+    with torch.no_grad():
+        h = response_hidden(eng, ids, torch.ones_like(ids), 6)
+        assert h.dtype == torch.bfloat16
+        ours = logprobs_of(eng, h, ids[:, 6:])
+        w = eng.loaded.model.get_output_embeddings().weight
+        logits = h.double() @ w.double().t()
+        assert logits.abs().max() > 8
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
+        bf16 = torch.log_softmax((h @ w.t()).float(), -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
+    assert (ours.double() - ref).abs().max() < 1e-3
+    assert (bf16.double() - ref).abs().max() > 1e-3  # what the fp32 product avoids
+
+
+def test_generation_stops_at_every_eos_id_of_the_generation_config(byte_llama):
+    """A second EOS id in generation_config (Llama-3's <|eot_id|>) ends the response there."""
+    prof = _fp32_profile()
+    loaded = load_model(str(byte_llama), prof, training=False)
+    eng, tok = SharedBase(loaded, prof), loaded.tokenizer
+    prompt = [tok("hello there")["input_ids"]]
+    free = generate(eng, prompt, tok, 8, 1.0, 1.0, greedy=True)
+    eot = int(free.response[0, 2])
+    assert eot not in free.response[0, :2].tolist() and eot != tok.eos_token_id
+    eng.loaded.model.generation_config.eos_token_id = [tok.eos_token_id, eot]
+    assert stop_ids(eng.loaded.model, tok) == [tok.eos_token_id, eot]
+    ro = generate(eng, prompt, tok, 8, 1.0, 1.0, greedy=True)
+    assert ro.response_mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert bool(ro.ended[0]) and not bool(free.ended[0]) or tok.eos_token_id in free.response[0].tolist()
+
+
+def test_missing_eos_penalty_and_reward_norm():
+    cfg = PPOConfig(missing_eos_penalty=0.5)
+    got = adjust_scores(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([True, False, False]), cfg, None)
+    assert got.tolist() == [1.0, 0.5, -0.5]
+    assert adjust_scores(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), PPOConfig(), None).tolist() == [1, 1]
+    rm = M.RunningMoments()
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 12.0])
+    first = rm.normalize(a)
+    assert abs(float(first.mean())) < 1e-6 and abs(float(first.std(unbiased=False)) - 1) < 1e-5
+    rm.normalize(b)
+    both = torch.cat([a, b]).double()
+    assert abs(rm.mean - float(both.mean())) < 1e-9 and abs(rm.var - float(both.var(unbiased=False))) < 1e-9
+    assert M.RunningMoments(**rm.state_dict()).state_dict() == rm.state_dict()
+
+
+def test_the_estimator_charges_the_log_prob_block_the_code_uses():
+    from lowmem_rlhf.plan.estimator import LOGPROB_VOCAB_CHUNK
+
+    assert LOGPROB_VOCAB_CHUNK == M.VOCAB_CHUNK
