@@ -62,7 +62,7 @@ def main() -> None:
     model = resolve_model_path(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     prof = replace(load_profile(args.profile), grad_ckpt=False, micro_batch=8)
-    run_rm(RMConfig(model=model, data=str(bundled_path("demo-pairs.jsonl")), out=tmp, profile=prof, max_len=64,
+    run_rm(RMConfig(model=model, data=str(bundled_path("demo-pairs.jsonl.gz")), out=tmp, profile=prof, max_len=64,
                     batch=8, max_steps=4, progress=False))
     results = {}
     for name, sep in (("shared", False), ("separate", True)):

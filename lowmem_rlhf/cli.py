@@ -435,9 +435,9 @@ def _print_auto_summary(summary: dict, run: Path) -> None:
               f"{fmt(summary['heldout_checker_sft'])} -> {fmt(summary['heldout_checker_ppo'])}")
     t.add_row("PPO reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
     t.add_row("PPO KL to the reference, nats per response (last 5)", fmt(summary.get("ppo_kl_last5")))
-    t.add_row("plot", summary["plot"])
     t.add_row("wall time", f"{summary['wall_seconds'] / 60:.1f} min")
     console.print(t)
+    console.print(f"plot: {summary['plot']}")  # below the table: a long path would squeeze its labels
 
 
 @app.command()

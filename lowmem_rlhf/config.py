@@ -349,7 +349,7 @@ class AutoConfig:
     out: Path | None = knob(None, "run folder (default: runs/auto-<time>)")
     profile: Profile | None = knob(None, "the planner's pick (set by `auto`, saved for --resume)")
     sft_data: str = knob(str(bundled_path("self-instruct-seed-tasks.jsonl")), "SFT data", flag="--data")
-    pairs: str = knob(str(bundled_path("demo-pairs.jsonl")), "preference pairs for the RM")
+    pairs: str = knob(str(bundled_path("demo-pairs.jsonl.gz")), "preference pairs for the RM")
     prompts: str = knob(str(bundled_path("demo-prompts.jsonl")), "PPO prompts")
     heldout: str | None = knob(str(bundled_path("demo-heldout.jsonl")), "held-out prompts scored before and after PPO")
     eval_reward: str | None = knob(DEMO_CHECKER, "module:function scoring the held-out answers")

@@ -59,7 +59,7 @@ def main() -> None:
                                                       "vocab": cfg.vocab_size}, "profile": prof.name, "stages": {}}
     sft = run_sft(SFTConfig(data=str(bundled_path("self-instruct-seed-tasks.jsonl")), max_len=seq, batch=8,
                             max_steps=steps, **common))
-    rm = run_rm(RMConfig(data=str(bundled_path("demo-pairs.jsonl")), init_from=run / "sft", max_len=seq, batch=8,
+    rm = run_rm(RMConfig(data=str(bundled_path("demo-pairs.jsonl.gz")), init_from=run / "sft", max_len=seq, batch=8,
                          max_steps=steps, **common))
     ppo = run_ppo(PPOConfig(prompts=str(bundled_path("demo-prompts.jsonl")), sft=run / "sft",
                             reward_model=run / "rm", iterations=steps, rollout_batch=8, prompt_len=plen,

@@ -3,6 +3,7 @@
     python scripts/make_demo_data.py
 """
 
+import gzip
 import json
 from pathlib import Path
 
@@ -10,5 +11,9 @@ from lowmem_rlhf.algo.demo_task import rows
 
 out = Path(__file__).resolve().parent.parent / "lowmem_rlhf" / "data" / "bundled"
 for name, items in rows().items():
-    (out / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+    text = "".join(json.dumps(r) + "\n" for r in items)
+    if name.endswith(".gz"):  # mtime 0: the same rows give the same bytes
+        (out / name).write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        (out / name).write_text(text)
     print(f"{out / name}: {len(items)} rows")

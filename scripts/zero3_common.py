@@ -36,7 +36,7 @@ def sft_rows(tok, n: int = 24, max_len: int = 96) -> list[dict]:
 
 
 def rm_rows(tok, n: int = 24, max_len: int = 64) -> list[dict]:
-    records = D.load_records(str(D.bundled_path("demo-pairs.jsonl")))
+    records = D.load_records(str(D.bundled_path("demo-pairs.jsonl.gz")))
     pairs = D.to_pairs(records, "demo-pairs")
     rows = [t for t in (D.tokenize_pair(p, tok, max_len) for p in pairs) if t is not None]
     return rows[:n]

@@ -110,7 +110,7 @@ TABLE = {
     "flag-kl-estimator": (_with(PPO, reward="{rewards}:ascii_share", kl_estimator="k9"), "ppo",
                           ["--kl-estimator must be k1 or k3"]),
     "flag-two-rewards": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}"), "ppo",
-                         ["exactly one reward", "--reward-model", "--reward-cmd"]),
+                         ["--reward and --reward-cmd are both given", "pass one program", "--reward-model"]),
     # profile YAML
     "profile-malformed-yaml": (_with(SFT, profile="{profiles}/malformed.yaml"), "sft",
                                ["malformed.yaml", "malformed YAML"]),

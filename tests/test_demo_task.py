@@ -25,7 +25,7 @@ def test_the_bundled_files_are_the_generated_split():
         assert load_records(str(bundled_path(name))) == json.loads(json.dumps(rows)), name
     held = {r["prompt"] for r in load_records(str(bundled_path("demo-heldout.jsonl")))}
     train = {r["prompt"] for r in load_records(str(bundled_path("demo-prompts.jsonl")))}
-    pairs = load_records(str(bundled_path("demo-pairs.jsonl")))
+    pairs = load_records(str(bundled_path("demo-pairs.jsonl.gz")))
     assert len(held) >= 64 and not held & train and not held & {p["prompt"] for p in pairs}
     assert len(held) + len(train) == len(T.questions())
 

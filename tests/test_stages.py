@@ -56,34 +56,6 @@ def test_sft_then_rm_on_tiny_llama(tiny_llama, tmp_path, profile):
     assert meta["head"] is True and meta["merged"] == [str((sft_dir / "adapter").resolve())]
 
 
-def _letter_pairs(path, n=240, seed=0):
-    """Pairs whose preference depends on the prompt: "Pick A." prefers the response A over B,
-    "Pick B." the reverse. Every letter is chosen as often as it is rejected, so a head that has not learnt the
-    rule (random, or one that likes some letters) is at chance."""
-    import random
-
-    rng, letters = random.Random(seed), "AB"
-    rows = []
-    for _ in range(n):
-        x, y = rng.sample(letters, 2)
-        rows.append({"prompt": f"Pick {x}.", "chosen": x, "rejected": y})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.mark.slow
-def test_reward_model_learns_a_preference_a_random_head_cannot_guess(tiny_llama, tmp_path):
-    """The shipped qlora-shared profile (dropout, checkpointing): held-out accuracy starts near
-    chance and rises by a clear margin after training."""
-    prof = _prof("qlora-shared", learning_rate=1e-2)
-    r = run_rm(RMConfig(model=str(tiny_llama), data=_letter_pairs(tmp_path / "pairs.jsonl"), out=tmp_path,
-                        profile=prof, max_len=32, batch=16, max_steps=60, eval_fraction=0.2, progress=False))
-    before, after = r["eval_before"]["accuracy"], r["eval_after"]["accuracy"]
-    assert r["eval_after"]["pairs"] == 48
-    assert abs(before - 0.5) < 0.2, before
-    assert after > before + 0.3, (before, after)
-
-
 def test_sft_adapter_reloads_bit_identical_and_with_plain_peft(tiny_llama, tmp_path):
     prof = _prof("lora-bf16-shared", dtype="fp32", learning_rate=3e-3)
     run_sft(SFTConfig(model=str(tiny_llama), data=SEED_TASKS, out=tmp_path, profile=prof, max_len=64, batch=4,

@@ -196,7 +196,7 @@ def rows(seed: int = 0) -> dict[str, list[dict]]:
     return {
         "demo-prompts.jsonl": [{"prompt": q, "answer": a} for q, a in train],
         "demo-heldout.jsonl": [{"prompt": q, "answer": a} for q, a in held],
-        "demo-pairs.jsonl": preference_pairs(train, seed),
+        "demo-pairs.jsonl.gz": preference_pairs(train, seed),
     }
 
 
