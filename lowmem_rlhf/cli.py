@@ -190,7 +190,8 @@ def plan(
     batch: int = typer.Option(16, "--batch", help="effective batch (sequences per optimizer step)"),
     prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length in tokens"),
     response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens per prompt"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch",
+                                      help="PPO responses per rollout (prompts x samples per prompt)"),
     stages: str = typer.Option("sft,rm,ppo", "--stages", help="stages that must fit, comma-separated"),
     profiles: Optional[str] = typer.Option(None, "--profiles", help="only these profiles (names or YAML paths, comma-separated)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
@@ -267,7 +268,8 @@ def estimate(
     kbit_upcast: Optional[bool] = typer.Option(None, "--kbit-upcast/--no-kbit-upcast", help="peft k-bit prep's fp32 cast of non-quantized params"),
     prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length"),
     response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch", help="PPO prompts per rollout"),
+    rollout_batch: int = typer.Option(8, "--rollout-batch",
+                                      help="PPO responses per rollout (prompts x samples per prompt)"),
     separate_models: bool = typer.Option(False, "--separate-models", help="PPO with four model copies instead of one shared base"),
     target: str = typer.Option("cuda", "--target", help="cuda (GPU figures) or cpu (host RAM)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (allocated_gib, reserved_gib, device_gib, cpu_ram_gib, components, phases)"),
@@ -364,6 +366,7 @@ def auto(
     prompt_len: Optional[int] = option(AutoConfig, "prompt_len"),
     response_len: Optional[int] = option(AutoConfig, "response_len"),
     rollout_batch: int = option(AutoConfig, "rollout_batch"),
+    samples_per_prompt: Optional[int] = option(AutoConfig, "samples_per_prompt"),
     sft_steps: int = option(AutoConfig, "sft_steps"),
     rm_steps: int = option(AutoConfig, "rm_steps"),
     ppo_iterations: int = option(AutoConfig, "ppo_iterations"),
@@ -454,6 +457,7 @@ def ppo(
     profile: Optional[str] = option(PPOConfig, "profile"),
     iterations: int = option(PPOConfig, "iterations"),
     rollout_batch: int = option(PPOConfig, "rollout_batch"),
+    samples_per_prompt: int = option(PPOConfig, "samples_per_prompt"),
     prompt_len: int = option(PPOConfig, "prompt_len"),
     response_len: int = option(PPOConfig, "response_len"),
     ppo_epochs: int = option(PPOConfig, "ppo_epochs"),
@@ -482,7 +486,8 @@ def ppo(
     from lowmem_rlhf.stages.ppo import run_ppo
 
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
-              response_len=response_len, ppo_epochs=ppo_epochs, minibatches=minibatches)
+              response_len=response_len, ppo_epochs=ppo_epochs, minibatches=minibatches,
+              samples_per_prompt=samples_per_prompt)
     _not_negative(save_every=save_every)
     _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
     prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code)

@@ -125,7 +125,7 @@ class Shape:
     batch: int = 16  # effective batch per optimizer step (micro-batch x accumulation)
     prompt_len: int = 256  # PPO prompt length
     response_len: int = 256  # PPO generated tokens
-    rollout_batch: int = 8  # PPO prompts per rollout
+    rollout_batch: int = 8  # PPO responses per rollout (prompts x samples per prompt: memory follows responses)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -306,7 +306,9 @@ class PPOConfig(StageConfig):
     reward_timeout: float = knob(60.0, "seconds the evaluator command may take per batch")
     reward_weight: float = knob(1.0, "weight of the program's score when it is added to the reward model's")
     iterations: int = knob(20, "PPO iterations (rollout + update)")
-    rollout_batch: int = knob(8, "prompts per rollout")
+    rollout_batch: int = knob(8, "responses per rollout (prompts x --samples-per-prompt)")
+    samples_per_prompt: int = knob(1, "responses sampled per prompt in a rollout; must divide --rollout-batch. "
+                                      "More than 1 contrasts right and wrong answers to the same prompt")
     prompt_len: int = knob(128, "prompt tokens (cut from the left)")
     response_len: int = knob(32, "generated tokens")
     ppo_epochs: int = knob(4, "passes over each rollout")
@@ -379,7 +381,9 @@ class AutoConfig:
                                                    "EOS (default: 1 for the demo, off for a named model)")
     prompt_len: int | None = knob(None, "PPO prompt length (default: 64 for the demo, 256 for a named model)")
     response_len: int | None = knob(None, "PPO generated tokens (default: 16 for the demo, 256 for a named model)")
-    rollout_batch: int = knob(8, "PPO prompts per rollout")
+    rollout_batch: int = knob(8, "PPO responses per rollout (prompts x --samples-per-prompt)")
+    samples_per_prompt: int | None = knob(None, "PPO responses sampled per prompt in a rollout (default: 4 "
+                                                "for the demo, 1 for a named model)")
     seed: int = knob(0, "seed of every stage")
     trust_remote_code: bool = knob(False, "allow the model's own Python code")
     progress: bool = knob(True, "progress bars")
@@ -401,10 +405,12 @@ class AutoConfig:
 # Measured alone, each failed: on the RM alone (30 steps on the 135M model: it learns brevity, few
 # facts) PPO found one-word nonsense ("SHOOT") that it scores high, held-out answers containing the
 # right word 35/96 -> 1/96; on the checker alone the reward was too sparse to move in 20 iterations
-# of 8 samples (mean 0.08, flat).
+# of 8 samples (mean 0.08, flat). Four samples per prompt (2 questions x 4 per rollout) put the right
+# word and the echoed word of one question side by side in the advantages: held-out exactly right
+# 2/96 -> 18/96 at seed 0 (README).
 DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4, "kl_target": 3.0,
               "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
-              "missing_eos_penalty": 1.0}
+              "missing_eos_penalty": 1.0, "samples_per_prompt": 4}
 NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000,
-               "train_rm": False, "reward_weight": 1.0}
+               "train_rm": False, "reward_weight": 1.0, "samples_per_prompt": 1}
 

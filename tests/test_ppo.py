@@ -118,6 +118,24 @@ def test_reward_command(byte_llama, tmp_path):
     assert s["skipped_iterations"] == 0 and len(_rewards(tmp_path)) == 2
 
 
+def test_samples_per_prompt_puts_each_prompt_k_times_in_a_rollout(byte_llama, tmp_path, monkeypatch):
+    """--samples-per-prompt 4 with --rollout-batch 16: the reward sees 4 prompts, each 4 times in a
+    row, and the next rollout draws 4 new ones (epoch order, no repeats within the 8 prompts)."""
+    record = tmp_path / "prompts.jsonl"
+    monkeypatch.setenv("RECORD_PROMPTS", str(record))
+    run_ppo(_cfg(byte_llama, tmp_path / "run", reward=f"{REWARDS}:record_prompts", iterations=2, ppo_epochs=1,
+                 samples_per_prompt=4))
+    calls = [json.loads(x) for x in record.read_text().splitlines()]
+    assert [len(c) for c in calls] == [16, 16]
+    groups = [c[i: i + 4] for c in calls for i in range(0, 16, 4)]
+    assert all(len(set(g)) == 1 for g in groups), groups
+    assert len({g[0] for g in groups}) == 8  # 8 distinct prompts over the two rollouts
+    with pytest.raises(UserError, match="--samples-per-prompt 3 must be a positive divisor of --rollout-batch 16: "
+                                        "use --rollout-batch 15"):
+        run_ppo(_cfg(byte_llama, tmp_path / "bad", reward=f"{REWARDS}:ascii_share", samples_per_prompt=3))
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(reward=f"{REWARDS}:raises"), "raised ValueError: checker crashed on sample"),
     (dict(reward=f"{REWARDS}:nan"), "returned nan for sample 0"),
@@ -166,6 +184,13 @@ def test_critic_starts_as_the_trained_reward_model(tiny_llama, tmp_path):
         eng.use("critic")
         v = eng.scalar(eng.hidden_states(ids, am)[:, -1])
     assert torch.equal(r, v)
+
+    # without a reward model the critic is fresh: its head starts at 0 (values 0, no random baseline)
+    fresh = SharedBase(load_model(str(tiny_llama), prof), prof, seed=123)
+    attach_roles(fresh, None)
+    fresh.use("critic")
+    assert not fresh.model.base_model.model.score.modules_to_save["critic"].weight.any()
+    assert fresh.model.base_model.model.score.original_module.weight.abs().sum() > 0  # the RM stage's init
 
     # reward model + program: PPO's score is the RM's plus reward_weight times the program's
     from lowmem_rlhf.algo.experience import Rollout, make_experience
@@ -266,6 +291,8 @@ def test_auto_runs_the_embedded_default_end_to_end(tmp_path, capsys, smollm2):
     assert s["rm"]["heldout_accuracy"] is not None and s["ppo_kl_last5"] is not None
     assert (run / "ppo" / "ppo.png").exists() and (run / "plan.json").exists()
     assert "held-out exactly the answer (SFT -> PPO)" in out and "wall time" in out
+    ppo_cfg = json.loads((run / "ppo" / "config.json").read_text())
+    assert (ppo_cfg["samples_per_prompt"], ppo_cfg["rollout_batch"]) == (4, 8)  # the demo's 2 questions x 4
 
 
 def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_path, capsys):

@@ -4,6 +4,7 @@ bad input is one line with no finished-looking output left behind."""
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -51,9 +52,39 @@ def test_sft_then_rm_on_tiny_llama(tiny_llama, tmp_path, profile):
 
     r = run_rm(RMConfig(model=str(tiny_llama), data=HH, out=tmp_path, profile=prof, init_from=sft_dir,
                         max_len=96, batch=8, max_steps=6, max_pairs=80, progress=False))
-    assert r["eval_after"]["pairs"] == 8 and 0.0 <= r["eval_after"]["accuracy"] <= 1.0
+    assert r["eval_after"]["pairs"] == 8  # 6 steps on hh-rlhf: learning is asserted on lamp pairs below
     meta = json.loads((tmp_path / "rm" / "adapter" / "lowmem_rlhf_adapter.json").read_text())
     assert meta["head"] is True and meta["merged"] == [str((sft_dir / "adapter").resolve())]
+
+
+def _lamp_pairs(path, n=240, seed=0):
+    """Pairs an untrained reward head cannot rank: the right reply ('yes'/'no') depends on one word
+    of the prompt, each reply is the chosen one in half of the pairs, and every prompt names its own
+    room, so the held-out prompts were never trained on. A head that reads only the reply is at 50%."""
+    rng = random.Random(seed)
+    rows = []
+    for i, room in enumerate(rng.sample(range(100, 1000), n)):
+        on = i % 2 == 0
+        rows.append({"prompt": f"In room {room} the lamp is {'on' if on else 'off'}. Is the lamp on?",
+                     "chosen": "yes" if on else "no", "rejected": "no" if on else "yes"})
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_pairs_an_untrained_head_ranks_at_chance(tiny_llama, tmp_path):
+    """The shipped bf16 LoRA profile (its dropout kept), rank 8: held-out accuracy from ~0.5 to >= 0.9.
+    Measured (seed 0): 0.517 -> 1.000, margin 0.002 -> 4.7+; 40 steps were not enough at seed 1 (0.55)."""
+    prof = replace(_prof("lora-bf16-shared"), micro_batch=8)
+    r = run_rm(RMConfig(model=str(tiny_llama), data=_lamp_pairs(tmp_path / "lamps.jsonl"), out=tmp_path,
+                        profile=prof, max_len=64, batch=8, max_steps=60, lr=1e-2, eval_fraction=0.25,
+                        save_every=0, progress=False))
+    before, after = r["eval_before"], r["eval_after"]
+    assert before["pairs"] == after["pairs"] == 60
+    assert 0.4 <= before["accuracy"] <= 0.6, before  # the premise: an untrained head is at chance here
+    assert after["accuracy"] >= 0.9 and after["accuracy"] >= before["accuracy"] + 0.35, (before, after)
+    assert after["margin"] > 1.0 > abs(before["margin"])
 
 
 def test_sft_adapter_reloads_bit_identical_and_with_plain_peft(tiny_llama, tmp_path):
@@ -133,7 +164,7 @@ def test_smollm2_sft_and_rm_through_the_cli(tmp_path, capsys, smollm2):
                           "qlora-shared", "--max-steps", 4, "--max-len", 128, "--batch", 4, "--max-pairs", 60], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "rm" / "summary.json").read_text())
-    assert r["eval_after"]["pairs"] == 6 and "accuracy" in r["eval_after"]
+    assert r["eval_after"]["pairs"] == 6
     # the reward adapter + head reload (on the SFT-merged 4-bit base) with identical scores
     q = load_profile("qlora-shared")
     scores = []

@@ -60,7 +60,7 @@ def _build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bo
         engines["reward"] = SharedBase(loaded_fn(), prof, seed=seed)
         engines["reward"].load_adapter("reward", rm_adapter, trainable=False, with_head=True)
     else:
-        engines["critic"].add_adapter("critic", with_head=True)
+        engines["critic"].add_adapter("critic", with_head=True, zero_head=True)
         engines["reward"] = engines["critic"]  # unused: the reward is a program
     engines["reference"] = SharedBase(loaded_fn(), prof, seed=seed)
     return Roles(engines)
@@ -68,13 +68,14 @@ def _build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bo
 
 def attach_roles(engine: SharedBase, rm_adapter: Path | None) -> None:
     """reward (frozen) and critic both load the trained RM adapter + head, checked key by key; the
-    critic's copy is trainable. Without a reward model the critic starts fresh. The actor starts
+    critic's copy is trainable. Without a reward model the critic starts fresh, its head at 0 (values
+    0 until trained: no random baseline in the first advantages). The actor starts
     as a zero LoRA on the SFT-merged base, i.e. as the SFT policy."""
     if rm_adapter is not None:
         engine.load_adapter("reward", rm_adapter, trainable=False, with_head=True)
         engine.load_adapter("critic", rm_adapter, trainable=True, with_head=True)
     else:
-        engine.add_adapter("critic", with_head=True)
+        engine.add_adapter("critic", with_head=True, zero_head=True)
     engine.add_adapter("actor")
 
 

@@ -87,7 +87,8 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                           reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
                           ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
                           kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
-                          rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len,
+                          rollout_batch=cfg.rollout_batch, samples_per_prompt=cfg.samples_per_prompt or 1,
+                          prompt_len=cfg.prompt_len,
                           response_len=cfg.response_len, eval_prompts=cfg.heldout,
                           eval_reward=cfg.eval_reward, **common))
     before, after = ppo["heldout_before"] or {}, ppo["heldout_after"] or {}

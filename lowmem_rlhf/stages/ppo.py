@@ -120,6 +120,10 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
 
 
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
+    B, k = cfg.rollout_batch, cfg.samples_per_prompt
+    if k < 1 or B % k:
+        raise UserError(f"--samples-per-prompt {k} must be a positive divisor of --rollout-batch {B}: "
+                        f"use --rollout-batch {max(B - B % max(k, 1), max(k, 1))}")
     cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
     prof = cfg.profile
     reward_fn = make_reward(cfg)
@@ -172,7 +176,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                          reward_moments=None if moments is None else moments.state_dict())
 
         for it in st.steps(cfg.iterations, sync):
-            pick = sampler.draw(B)
+            k = cfg.samples_per_prompt
+            pick = [i for i in sampler.draw(B // k) for _ in range(k)]  # each prompt k times, side by side
             torch.manual_seed(cfg.seed * 100_003 + it)
             times: dict[str, float] = {}
 

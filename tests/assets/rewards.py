@@ -25,6 +25,16 @@ def nan(prompts, responses):
     return [math.nan] + [0.0] * (len(responses) - 1)
 
 
+def record_prompts(prompts, responses):
+    """ascii_share, and each call's prompts appended as one JSON line to $RECORD_PROMPTS."""
+    import json
+    import os
+
+    with open(os.environ["RECORD_PROMPTS"], "a", encoding="utf-8") as f:
+        f.write(json.dumps(list(prompts)) + "\n")
+    return ascii_share(prompts, responses)
+
+
 def wrong_count(prompts, responses):
     return [1.0]
 
