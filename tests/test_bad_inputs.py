@@ -111,6 +111,11 @@ TABLE = {
                           ["--kl-estimator must be k1 or k3"]),
     "flag-two-rewards": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}"), "ppo",
                          ["--reward and --reward-cmd are both given", "pass one program", "--reward-model"]),
+    "flag-samples-per-prompt": (_with(PPO, reward="{rewards}:ascii_share", samples_per_prompt="3"), "ppo",
+                                ["--samples-per-prompt 3 must divide --rollout-batch 2", "use --rollout-batch 3"]),
+    # the demo's 4 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM
+    "flag-auto-samples-per-prompt": (["auto", "--out", "{root}/auto-run", "--rollout-batch", "6"], None,
+                                     ["--samples-per-prompt 4 must divide --rollout-batch 6"]),
     # profile YAML
     "profile-malformed-yaml": (_with(SFT, profile="{profiles}/malformed.yaml"), "sft",
                                ["malformed.yaml", "malformed YAML"]),

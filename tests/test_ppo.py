@@ -130,8 +130,7 @@ def test_samples_per_prompt_puts_each_prompt_k_times_in_a_rollout(byte_llama, tm
     groups = [c[i: i + 4] for c in calls for i in range(0, 16, 4)]
     assert all(len(set(g)) == 1 for g in groups), groups
     assert len({g[0] for g in groups}) == 8  # 8 distinct prompts over the two rollouts
-    with pytest.raises(UserError, match="--samples-per-prompt 3 must be a positive divisor of --rollout-batch 16: "
-                                        "use --rollout-batch 15"):
+    with pytest.raises(UserError, match="--samples-per-prompt 3 must divide --rollout-batch 16: use --rollout-batch 15"):
         run_ppo(_cfg(byte_llama, tmp_path / "bad", reward=f"{REWARDS}:ascii_share", samples_per_prompt=3))
     assert not (tmp_path / "bad").exists()
 

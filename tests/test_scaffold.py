@@ -132,3 +132,21 @@ def test_run_folders_of_the_previous_version_still_resume(tmp_path):
     (tmp_path / "auto.json").write_text(json.dumps(old_auto))
     a = load_auto_config(tmp_path)
     assert a.seq_len == 96 and a.sft_steps == 3 and a.profile.lora_r == 16
+
+
+def test_resume_of_a_run_older_than_a_knob_compares_with_its_default(tmp_path):
+    """A PPO config.json written before --samples-per-prompt existed: that run drew 1 answer per
+    prompt, so resuming with the default continues it, and resuming with 4 is refused."""
+    import json
+    from dataclasses import asdict, replace
+
+    from lowmem_rlhf.config import PPOConfig
+    from lowmem_rlhf.runtime.runs import check_resume_config
+
+    cfg = PPOConfig(prompts="x", out=tmp_path, profile=load_profile("qlora-shared"))
+    saved = json.loads(json.dumps(asdict(cfg), default=str))
+    del saved["samples_per_prompt"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume_config(tmp_path, cfg)
+    with pytest.raises(UserError, match="samples_per_prompt=1, now 4"):
+        check_resume_config(tmp_path, replace(cfg, samples_per_prompt=4))

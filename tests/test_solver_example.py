@@ -39,6 +39,11 @@ CASES = [  # (prompt, response, score with --partial 0.1)
     (chat(STORY), "x + 7 = 12", 0.1),  # solvable, wrong relation
     (chat(STORY), "x + 7 = 12, or rather x - 7 = 12", 0.1),  # the first equation decides
     (chat(STORY), "19", 0.0),  # a number is not a model of the story
+    (chat(STORY), "Let x be the marbles. x - 7 = 12", 1.0),  # words before the equation
+    (chat(STORY), "1. x - 7 = 12", 1.0),
+    (chat(STORY), "x - 7 = 12 (x = 19)", 1.0),  # a bracket opened in the words after it
+    (chat(STORY), "x - 7 = 12. 12 + 7 = 19", 1.0),  # the next sentence is not part of it
+    (chat(STORY), "x = 12 + 7 = 19", 1.0),  # a chain: its first link
     (chat(SHARE), "x / 4 = 6", 1.0),
     (chat(SHARE), "4x = 6", 0.1),  # x = 3/2: exact fractions
     (chat(SHARE), "2(x - 12) / 4 = 6", 1.0),  # parentheses, implicit products

@@ -10,8 +10,8 @@ The policy's answer is a model of the story: one linear equation in x. For each 
 1. finds the story in the prompt (the last user turn; the prompt arrives rendered by the chat
    template, ``<|im_start|>user ... <|im_end|>`` included) and looks its answer up in the key
    (``--key``: JSON lines of ``problem`` and ``x``, written by make_data.py),
-2. takes the first equation of the response (a run of numbers, x, operators and parentheses
-   around one ``=``),
+2. takes the first equation of the response: in its first clause that holds a ``=``, the
+   numbers, x, operators and parentheses just left and right of it,
 3. solves it exactly: both sides are parsed as linear expressions in x (numbers, + - * /,
    parentheses, ``3x``, ``2(x - 1)``) with `fractions.Fraction`, so ``x = -b/a`` is exact,
 4. scores 1.0 when that solution is the key's answer, `--partial` (default 0.0) when the response
@@ -182,18 +182,46 @@ def user_text(prompt: str) -> str:
     return (turns[-1] if turns else prompt).strip()
 
 
-_MATH = r"[0-9.xX()+\-*/ \t]"
-_EQUATION = re.compile(rf"{_MATH}*[0-9xX)]{_MATH}*={_MATH}*[0-9xX(]{_MATH}*")  # one '=', math on both sides
+_PIECES = re.compile(r"\n|[,;:?!]|\.(?!\d)")  # sentence and clause breaks (a decimal point is not one)
+_MATH_TAIL = re.compile(r"[0-9.xX()+\-*/ \t]*$")
+_MATH_HEAD = re.compile(r"[0-9.xX()+\-*/ \t]*")
+
+
+def _unmatched_cut(text: str, opening: str, closing: str) -> str:
+    """`text` up to its first bracket that is never closed (read in the direction of the pair)."""
+    depth, cut = [], len(text)
+    for i, ch in enumerate(text):
+        if ch == opening:
+            depth.append(i)
+        elif ch == closing:
+            if not depth:
+                return text[:i]
+            depth.pop()
+    return text[:depth[0]] if depth else text[:cut]
+
+
+def first_equation(response: str) -> str | None:
+    """The response's first equation: in its first clause holding a '=', the math just left and
+    right of the first '=' ('Let x be the marbles. x - 7 = 12 (x = 19)' -> 'x - 7 = 12'); a
+    bracket opened or closed outside that stretch belongs to the words around it."""
+    for piece in _PIECES.split(response.translate(_TRANSLATE)):
+        if "=" not in piece:
+            continue
+        left, right = piece.split("=", 1)
+        lhs = _unmatched_cut(_MATH_TAIL.search(left).group(0)[::-1], ")", "(")[::-1].strip()
+        rhs = _unmatched_cut(_MATH_HEAD.match(right).group(0), "(", ")").strip()
+        return f"{lhs} = {rhs}" if lhs and rhs else None
+    return None
 
 
 def response_solution(response: str) -> Fraction | None:
-    """The solution of the response's first equation in x (a run of numbers, x, operators and
-    parentheses around one '='), or None: no equation, not linear, no unique solution."""
-    m = _EQUATION.search(response.translate(_TRANSLATE))
-    if m is None:
+    """The solution of the response's first equation in x, or None: no equation, not linear, no
+    unique solution. The first equation decides: no hunting for a later one that happens to be right."""
+    equation = first_equation(response)
+    if equation is None:
         return None
-    try:  # the first equation decides: no hunting for a later one that happens to be right
-        return solve_equation(m.group(0).strip().rstrip("."), "x")
+    try:
+        return solve_equation(equation, "x")
     except (NotLinear, ZeroDivisionError, ValueError, RecursionError):
         return None
 

@@ -14,8 +14,9 @@ RUN=${1:-runs/solver}
 CLI=${LOWMEM_RLHF:-.venv/bin/lowmem-rlhf}
 PY=${PYTHON:-.venv/bin/python}
 DATA=$RUN/data
-# the evaluator process and its answer key; absolute paths, quoted for the shell-like split PPO does
-abs() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+PY=$(command -v "$PY") || { echo "run.sh: no python at ${PYTHON:-.venv/bin/python}; run bash scripts/setup.sh" >&2; exit 2; }
+abs() { "$PY" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "$1"; }
+PY=$(abs "$PY")
 
 mkdir -p "$RUN"
 : > "$RUN/times.txt"
@@ -30,7 +31,10 @@ step() {  # step NAME CMD...: run it, log its wall time
 }
 
 step data "$PY" examples/solver_reward/make_data.py --out "$DATA"
-EVALUATOR="$(printf '%q' "$(abs "$PY")") $(printf '%q' "$(abs examples/solver_reward/evaluator.py)") --key $(printf '%q' "$(abs "$DATA/answers.jsonl")")"
+# the evaluator process and its answer key, as one command line (absolute paths, quoted for the
+# shell-like split PPO and eval do)
+EVALUATOR=$("$PY" -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' \
+    "$PY" "$(abs examples/solver_reward/evaluator.py)" --key "$(abs "$DATA/answers.jsonl")")
 
 # SFT shows one phrasing per relation (160 stories -> equations), 2 epochs
 step sft "$CLI" sft --data "$DATA/sft.jsonl" --out "$RUN" --overwrite --save-every 0 \

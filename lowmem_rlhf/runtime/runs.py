@@ -102,7 +102,7 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
                                                                            "save_every", "out")) -> None:
     """--resume must continue the same run: every setting except `volatile` equals the saved one
     (paths compared as the files they name, so `run/sft` and `./run/sft` are the same)."""
-    from dataclasses import asdict
+    from dataclasses import MISSING, asdict, fields
 
     saved_path = Path(out) / "config.json"
     if not saved_path.exists():
@@ -115,10 +115,12 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
             return Path(a).resolve() == Path(b).resolve()
         return a == b
 
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
     for key, value in now.items():
-        if key in volatile or key not in saved:
+        if key in volatile or (key not in saved and key not in defaults):
             continue
-        was = saved[key]
+        # a knob newer than the checkpoint: that run had its default
+        was = saved[key] if key in saved else json.loads(json.dumps(defaults[key], default=_jsonable))
         if isinstance(value, dict) and isinstance(was, dict):  # the profile: only knobs this version has
             was = {k: was.get(k) for k in value}
         if not same(was, value):

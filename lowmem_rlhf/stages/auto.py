@@ -19,7 +19,7 @@ from lowmem_rlhf.runtime.runs import (
     write_json,
 )
 from lowmem_rlhf.runtime.stopping import Interrupted
-from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+from lowmem_rlhf.stages.ppo import PPOConfig, check_rollout, run_ppo
 from lowmem_rlhf.stages.rm import RMConfig, run_rm
 from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
@@ -48,6 +48,8 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     """SFT -> RM -> PPO. With resume: finished stages are kept, the one in progress continues from
     its newest checkpoint, the rest start fresh."""
     t0 = time.time()
+    spp = 1 if cfg.samples_per_prompt is None else cfg.samples_per_prompt  # None: an auto.json from before the knob
+    check_rollout(cfg.rollout_batch, spp)  # before SFT, not after it
     run = Path(cfg.out)
     ensure_writable(run)
     if not resume:
@@ -87,7 +89,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                           reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
                           ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
                           kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
-                          rollout_batch=cfg.rollout_batch, samples_per_prompt=cfg.samples_per_prompt or 1,
+                          rollout_batch=cfg.rollout_batch, samples_per_prompt=spp,
                           prompt_len=cfg.prompt_len,
                           response_len=cfg.response_len, eval_prompts=cfg.heldout,
                           eval_reward=cfg.eval_reward, **common))

@@ -119,11 +119,18 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
     return row
 
 
+def check_rollout(rollout_batch: int, samples_per_prompt: int) -> None:
+    """One line, before anything loads, unless the rollout splits into whole prompts."""
+    B, k = rollout_batch, samples_per_prompt
+    if k < 1:
+        raise UserError(f"--samples-per-prompt must be at least 1, got {k}")
+    if B % k:
+        raise UserError(f"--samples-per-prompt {k} must divide --rollout-batch {B}: "
+                        f"use --rollout-batch {max(B - B % k, k)}")
+
+
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
-    B, k = cfg.rollout_batch, cfg.samples_per_prompt
-    if k < 1 or B % k:
-        raise UserError(f"--samples-per-prompt {k} must be a positive divisor of --rollout-batch {B}: "
-                        f"use --rollout-batch {max(B - B % max(k, 1), max(k, 1))}")
+    check_rollout(cfg.rollout_batch, cfg.samples_per_prompt)
     cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
     prof = cfg.profile
     reward_fn = make_reward(cfg)
