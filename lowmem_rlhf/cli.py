@@ -66,10 +66,10 @@ def _gib(b: int) -> str:
     return f"{b / GIB:.2f}"
 
 
-def _hardware(gpu, vram, ram):
+def _hardware(gpu, vram, ram, max_vram=None):
     from lowmem_rlhf.plan.hardware import resolve_hardware
 
-    return resolve_hardware(gpu=gpu, vram_gib=vram, ram_gib=ram)
+    return resolve_hardware(gpu=gpu, vram_gib=vram, ram_gib=ram, max_vram_gib=max_vram)
 
 
 def _shape(seq_len, batch, prompt_len, response_len, rollout_batch):
@@ -163,12 +163,12 @@ def print_breakdown(estimates: dict, target: str) -> None:
 
 
 def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-              stages, profiles, as_json, trust_remote_code: bool = False):
+              stages, profiles, as_json, trust_remote_code: bool = False, max_vram=None):
     from lowmem_rlhf.plan.model_spec import load_spec
     from lowmem_rlhf.plan.planner import no_fit, plan
 
     shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
-    hw = _hardware(gpu, vram, ram)
+    hw = _hardware(gpu, vram, ram, max_vram)
     spec = load_spec(model, trust_remote_code)
     p = plan(spec, hw, shape, _profiles(profiles), _stages(stages))
     if as_json:
@@ -184,6 +184,8 @@ def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, r
 def plan(
     gpu: Optional[str] = typer.Option(None, "--gpu", help=GPU_HELP),
     vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory in GiB (overrides --gpu's)"),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", help="plan for at most this many GiB of the card "
+                                             "(the budget a run with --max-vram caps itself at)"),
     ram: Optional[float] = typer.Option(None, "--ram", help="CPU RAM in GiB (default: this machine's available RAM)"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length in tokens"),
@@ -205,10 +207,10 @@ def plan(
 
         with contextlib.redirect_stdout(io.StringIO()):
             p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                          stages, profiles, True, trust_remote_code)
+                          stages, profiles, True, trust_remote_code, max_vram)
     else:
         p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                      stages, profiles, as_json, trust_remote_code)
+                      stages, profiles, as_json, trust_remote_code, max_vram)
     if simulate:
         from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
@@ -380,6 +382,7 @@ def auto(
     missing_eos_penalty: Optional[float] = option(AutoConfig, "missing_eos_penalty"),
     train_rm: Optional[bool] = option(AutoConfig, "train_rm"),
     seed: int = option(AutoConfig, "seed"),
+    max_vram: Optional[float] = option(AutoConfig, "max_vram"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     trust_remote_code: bool = option(AutoConfig, "trust_remote_code"),
@@ -405,7 +408,7 @@ def auto(
     s = cfg.shape()
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
     p = _run_plan(gpu, vram, ram, model or "smollm2-135m", s.seq_len, s.batch, s.prompt_len, s.response_len,
-                  s.rollout_batch, "sft,rm,ppo", profiles, as_json, trust_remote_code)
+                  s.rollout_batch, "sft,rm,ppo", profiles, as_json, trust_remote_code, max_vram)
     if dry_run:
         if not as_json:
             console.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
@@ -479,6 +482,8 @@ def ppo(
     overwrite: bool = option(PPOConfig, "overwrite"),
     resume: bool = option(PPOConfig, "resume"),
     save_every: int = option(PPOConfig, "save_every"),
+    max_nonfinite: int = option(PPOConfig, "max_nonfinite"),
+    max_vram: Optional[float] = option(PPOConfig, "max_vram"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(PPOConfig, "trust_remote_code"),
 ):
@@ -489,8 +494,9 @@ def ppo(
               response_len=response_len, ppo_epochs=ppo_epochs, minibatches=minibatches,
               samples_per_prompt=samples_per_prompt)
     _not_negative(save_every=save_every)
+    _positive(max_nonfinite=max_nonfinite)
     _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
-    prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code)
+    prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code, max_vram)
     console.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/ppo")
     _print_summary(run_ppo(_config(PPOConfig, locals(), prof), console=console), "PPO summary")
 
@@ -580,7 +586,7 @@ def _print_eval_summary(summary: dict) -> None:
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, max_vram: Optional[float] = None):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
     this machine (or on --gpu)."""
     from lowmem_rlhf.config import deepspeed_missing, load_all_profiles, load_profile
@@ -603,7 +609,7 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)
-    return choose_profile(spec, _hardware(gpu, None, None), shape, load_all_profiles(), (stage,)).profile
+    return choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,)).profile
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -641,6 +647,8 @@ def sft(
     overwrite: bool = option(SFTConfig, "overwrite"),
     resume: bool = option(SFTConfig, "resume"),
     save_every: int = option(SFTConfig, "save_every"),
+    max_nonfinite: int = option(SFTConfig, "max_nonfinite"),
+    max_vram: Optional[float] = option(SFTConfig, "max_vram"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(SFTConfig, "trust_remote_code"),
 ):
@@ -649,7 +657,8 @@ def sft(
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every)
-    prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
+    _positive(max_nonfinite=max_nonfinite)
+    prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code, max_vram)
     console.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/sft")
     _print_summary(run_sft(_config(SFTConfig, locals(), prof), console=console), "SFT summary")
 
@@ -671,6 +680,8 @@ def rm(
     overwrite: bool = option(RMConfig, "overwrite"),
     resume: bool = option(RMConfig, "resume"),
     save_every: int = option(RMConfig, "save_every"),
+    max_nonfinite: int = option(RMConfig, "max_nonfinite"),
+    max_vram: Optional[float] = option(RMConfig, "max_vram"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(RMConfig, "trust_remote_code"),
 ):
@@ -679,7 +690,8 @@ def rm(
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every)
-    prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code)
+    _positive(max_nonfinite=max_nonfinite)
+    prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code, max_vram)
     console.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/rm")
     _print_summary(run_rm(_config(RMConfig, locals(), prof), console=console), "RM summary")
 
@@ -745,8 +757,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one-line errors, never a traceback for bad input."""
     import errno
 
+    from lowmem_rlhf.runtime.oom import shape_allocator
     from lowmem_rlhf.runtime.stopping import Interrupted
 
+    shape_allocator()  # before anything initialises CUDA
     _quiet_libraries()
     try:
         app(args=argv, prog_name="lowmem-rlhf", standalone_mode=False)

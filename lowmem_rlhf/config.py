@@ -271,6 +271,10 @@ class StageConfig:
     progress: bool = knob(True, "progress bar on a terminal, a plain line every 30 s otherwise")
     resume: bool = knob(False, "continue from the newest checkpoint in RUN/.<stage>.partial (same settings)")
     save_every: int = knob(10, "steps between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)")
+    max_vram: float | None = knob(None, "GPU memory cap in GiB: the planner plans for it and the run may allocate "
+                                        "no more (rehearse a 24 GiB card on a bigger one)")
+    max_nonfinite: int = knob(3, "stop the stage after this many optimizer steps in a row skipped for a NaN/inf "
+                                 "loss or gradient (each skipped step leaves the adapter unchanged)")
 
 
 @dataclass
@@ -385,6 +389,8 @@ class AutoConfig:
     samples_per_prompt: int | None = knob(None, "PPO responses sampled per prompt in a rollout (default: 4 "
                                                 "for the demo, 1 for a named model)")
     seed: int = knob(0, "seed of every stage")
+    max_vram: float | None = knob(None, "GPU memory cap in GiB: the planner plans for it and every stage may "
+                                        "allocate no more (rehearse a 24 GiB card on a bigger one)")
     trust_remote_code: bool = knob(False, "allow the model's own Python code")
     progress: bool = knob(True, "progress bars")
 

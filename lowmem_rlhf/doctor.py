@@ -224,7 +224,9 @@ def check_compute() -> list[Check]:
     props = torch.cuda.get_device_properties(index)
     checks = [Check("cuda", "OK", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s) visible")]
     checks.append(Check("gpu", "OK", f"{props.name}, sm_{props.major}{props.minor}"))
-    if torch.cuda.is_bf16_supported():
+    from lowmem_rlhf.plan.hardware import native_bf16
+
+    if native_bf16((props.major, props.minor)):
         checks.append(Check("gpu bf16", "OK", "supported"))
     else:
         checks.append(Check("gpu bf16", "WARN", f"{props.name} has no bf16",

@@ -38,6 +38,23 @@ def test_plan_json(capsys):
     assert ppo["device_gib"] <= 23.7 and set(ppo["phases"]) >= {"generation", "actor_update"}
 
 
+def test_plan_max_vram_plans_for_the_cap(capsys):
+    """--max-vram 10 on a 3090: the budget is 10 GiB and every stage of the pick fits in it; a cap
+    above the card's memory changes nothing."""
+    def plan(*extra):
+        code, out, _ = run(["plan", "--gpu", "3090", "--model", "llama-2-7b", "--json", *extra], capsys)
+        assert code == 0
+        return json.loads(out)
+
+    full, capped, above = plan(), plan("--max-vram", "10"), plan("--max-vram", "80")
+    assert capped["hardware"]["gpu"]["total_gib"] == 10.0 and "capped at 10 GiB" in capped["hardware"]["gpu"]["name"]
+    assert capped["budget_gib"] <= 10 < full["budget_gib"]
+    assert all(st["device_gib"] <= capped["budget_gib"] for st in capped["chosen"]["stages"].values())
+    # uncapped, the 16-bit base fits (about 17-18 GiB a stage); within 10 GiB only the 4-bit one does
+    assert full["chosen_profile"]["name"] == "lora-bf16-shared" and capped["chosen_profile"]["name"] == "qlora-shared"
+    assert above["hardware"]["gpu"] == full["hardware"]["gpu"] and above["chosen_profile"] == full["chosen_profile"]
+
+
 @pytest.mark.parametrize("gpu,model", [("3060-12gb", "llama-2-7b"), ("4090", "llama-2-13b")])
 def test_plan_other_cards(capsys, gpu, model):
     code, out, err = run(["plan", "--gpu", gpu, "--model", model], capsys)

@@ -18,6 +18,16 @@ def test_reward_is_the_right_answer_with_partial_credit():
     assert T.lenient("twelve apples", "twelve") and not T.lenient("twelves", "twelve")
 
 
+def test_quotes_around_an_answer_are_punctuation():
+    """The SFT policy often quotes the answer ("The plural of 'city' is 'cities'."): a quote is not
+    part of the word (this was scored wrong, 0, for 5 of the 96 held-out answers), while a quote or
+    hyphen inside a word still is."""
+    assert T.lenient("The plural of 'city' is 'cities'.", "cities")
+    assert T.strict("'no'", "no") and T.strict("'cities'.", "cities") and T.strict("-sell-", "sell")
+    assert T.words("don't re-enter 'x'") == ["don't", "re-enter", "x"]
+    assert not T.strict("dont", "don't")
+
+
 def test_the_bundled_files_are_the_generated_split():
     """The shipped files are what `scripts/make_demo_data.py` writes (deterministic), the held-out
     questions (at least 64) never appear in the PPO prompts or the RM pairs."""

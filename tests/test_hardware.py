@@ -66,6 +66,15 @@ def test_bf16_matches_compute_capability(key: str, preset) -> None:
     assert preset.bf16 == (preset.compute_capability >= (8, 0)), key
 
 
+def test_detected_bf16_is_native_bf16_not_emulation() -> None:
+    """Detection decides bf16 from the compute capability, as the presets do: torch 2.13's
+    is_bf16_supported() counts emulation, which would give a T4 or a V100 bf16 profiles."""
+    from lowmem_rlhf.plan.hardware import native_bf16
+
+    assert [native_bf16(cc) for cc in [(7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (12, 0)]] == \
+        [False, False, True, True, True, True]
+
+
 def test_3090_has_about_24_gib() -> None:
     hw = resolve_hardware(gpu="3090")
     assert hw.gpu is not None

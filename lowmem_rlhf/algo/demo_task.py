@@ -104,8 +104,9 @@ _WORD = re.compile(r"[a-z0-9][a-z0-9'\-]*")
 
 
 def words(text: str) -> list[str]:
-    """Lower-case words of `text`; punctuation, quotes and spaces dropped."""
-    return _WORD.findall(text.lower())
+    """Lower-case words of `text`; punctuation, quotes and spaces dropped (an apostrophe or hyphen
+    stays inside a word, as in "don't", and goes at its ends, as in "'cities'")."""
+    return [w for w in (m.rstrip("'-") for m in _WORD.findall(text.lower())) if w]
 
 
 def strict(response: str, answer: str) -> bool:

@@ -18,7 +18,7 @@ from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
-from lowmem_rlhf.runtime.optim import optimizer_step
+from lowmem_rlhf.runtime.optim import StepUndo, finite, optimizer_step
 
 LossFn = Callable[[SharedBase, Experience, list[int], PPOConfig, torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -53,7 +53,7 @@ def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, it
     tokens = exp.response_mask[chunk].sum().clamp(min=1)
     st: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(chunk), size):
-        maybe_inject("ppo", iteration, size)
+        maybe_inject("ppo", iteration, size, "start" if s == 0 else "mid")
         idx = chunk[s: s + size]
         loss, extra = loss_of(eng, exp, idx, cfg, tokens)
         eng.backward(loss)
@@ -64,16 +64,24 @@ def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, it
 
 def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, scheduler, exp: Experience,
                    chunk: list[int], mb: MicroBatch, iteration: int, loss_of: LossFn,
-                   cfg: PPOConfig) -> dict[str, list[torch.Tensor]]:
+                   cfg: PPOConfig) -> tuple[dict[str, list[torch.Tensor]], bool]:
     """One optimizer step of the active adapter on the rollout rows `chunk`, accumulated over
-    micro-batches (halved and retried on OOM)."""
-    def reset() -> None:  # what an OOM mid-update undoes: the partial gradients and the pending forward
+    micro-batches; an out-of-memory anywhere in it (a micro-batch, the clipping, the optimizer step)
+    is undone and the step retried at half the micro-batch. -> (per-micro-batch statistics,
+    whether the step was skipped for a NaN/inf loss or gradient)."""
+    undo = StepUndo(eng.parameters_of(adapter), opt)
+
+    def reset() -> None:  # what an OOM mid-step undoes: partial gradients, the pending forward, a partial update
         opt.zero_grad(set_to_none=True)
         eng.abandon()
+        undo.undo()
 
-    st = mb.run(iteration, lambda size: accumulate(eng, exp, chunk, size, iteration, loss_of, cfg), reset)
-    optimizer_step(opt, eng.parameters_of(adapter), scheduler)
-    return st
+    def step(size: int):
+        st = accumulate(eng, exp, chunk, size, iteration, loss_of, cfg)
+        return st, optimizer_step(opt, eng.parameters_of(adapter), scheduler, undo=undo, fault=("ppo", iteration, size))
+
+    st, norm = mb.run(iteration, step, reset)
+    return st, not finite(norm)
 
 
 def minibatch_count(minibatches: int, rows: int) -> int:
@@ -83,13 +91,15 @@ def minibatch_count(minibatches: int, rows: int) -> int:
 
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
-               phase: Phase = lambda name: contextlib.nullcontext()) -> dict[str, torch.Tensor]:
+               phase: Phase = lambda name: contextlib.nullcontext(),
+               on_step: Callable[[bool], None] = lambda skipped: None) -> dict[str, torch.Tensor]:
     """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
     minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
-    exactly when the update repeats the rollout's forward (no dropout, same temperature)."""
+    exactly when the update repeats the rollout's forward (no dropout, same temperature).
+    on_step(skipped) after each optimizer step: the stage counts steps skipped for a NaN/inf."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
@@ -99,8 +109,9 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
         for j, chunk in enumerate([perm[i::n_mb] for i in range(n_mb)]):
             for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
                 with phase(f"{role}_update"), roles.role(role) as eng:
-                    st = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk, mb,
-                                        iteration, loss_of, cfg)
+                    st, skipped = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
+                                                 mb, iteration, loss_of, cfg)
+                on_step(skipped)
                 for k in ("policy_loss", "value_loss"):  # micro-batch parts of one minibatch's loss
                     if k in st:
                         st[k] = [torch.stack(st[k]).sum()]

@@ -1,8 +1,9 @@
 """Measured peak memory per phase: the numbers reported beside the estimator's.
 
 GPU: `torch.cuda.max_memory_allocated` / `max_memory_reserved`, and the device's used memory as
-nvidia-smi sees it (total - free from cudaMemGetInfo). CPU: the process's peak resident set size
-(VmHWM), reset between phases through /proc/self/clear_refs where the kernel allows it.
+nvidia-smi sees it (total - free from cudaMemGetInfo). Host RAM, on either device: the process's
+peak resident set size (VmHWM), reset at the start of each phase through /proc/self/clear_refs, so
+it is that phase's peak (where the kernel refuses the reset, it is the process's peak so far).
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ class MemoryMeter:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            _reset_hwm()
+        _reset_hwm()  # on CUDA too: the host figure of a phase is that phase's, not the process's peak
         try:
             yield
         finally:

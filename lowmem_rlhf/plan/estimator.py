@@ -32,6 +32,7 @@ from typing import Any
 from lowmem_rlhf.config import GIB, Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.plan.model_spec import LinearSpec, ModelSpec
+from lowmem_rlhf.runtime.optim import undo_host_bytes
 
 # Why the zero3-offload profile never runs PPO; the planner, the estimator and the CLI all say this.
 ZERO3_PPO_REASON = ("PPO does not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine the "
@@ -64,6 +65,7 @@ class Phase:
     paged: int = 0  # outside the torch allocator on the GPU (paged optimizer state)
     cpu_offload: int = 0  # host RAM held by ZeRO-3 offload (params, optimizer, pinned buffers)
     target: str = "cuda"
+    host: int = 0  # host RAM of the optimizer step's undo copy (runtime.optim.StepUndo)
 
     @property
     def allocated(self) -> int:
@@ -81,7 +83,7 @@ class Phase:
 
     @property
     def cpu_ram(self) -> int:
-        base = PROCESS_RAM_BYTES + self.cpu_offload
+        base = PROCESS_RAM_BYTES + self.cpu_offload + self.host
         if self.target == "cuda":
             return base
         return base + self.allocated + self.paged
@@ -95,6 +97,7 @@ class Phase:
             "components": dict(self.components),
             "paged_bytes": self.paged,
             "cpu_offload_bytes": self.cpu_offload,
+            "host_bytes": self.host,
         }
 
 
@@ -378,7 +381,8 @@ def _train_step(name: str, spec: ModelSpec, profile: Profile, tokens: int, stati
     comps["logits"] = logits
     comps["recompute"] = acts["recompute"]
     comps["dequant"] = dequant_transient_bytes(spec, profile)  # simulation-found transient (4-bit only)
-    return Phase(name, comps, paged=paged, target=target)
+    # an out-of-memory inside the optimizer step is undone from a host copy of what it trains
+    return Phase(name, comps, paged=paged, target=target, host=undo_host_bytes(grads, opt))
 
 
 def _zero3_split(phase: Phase, spec: ModelSpec, profile: Profile) -> Phase:

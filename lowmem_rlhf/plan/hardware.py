@@ -10,6 +10,7 @@ machine with no GPU and never raises except `UserError` for bad user input.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -267,6 +268,13 @@ def lookup_gpu_preset(name: str) -> GpuPreset:
     raise UserError(_unknown_gpu_message(name, normalized))
 
 
+def native_bf16(compute_capability: tuple[int, int]) -> bool:
+    """bf16 in hardware: compute capability 8.0 (Ampere) or newer. Not
+    `torch.cuda.is_bf16_supported()`, which in torch 2.13 also counts emulation, so a T4 (7.5) or a
+    V100 (7.0) would be "detected" as bf16 and never get the fp16 profiles."""
+    return tuple(compute_capability) >= (8, 0)
+
+
 def _detect_gpu_torch() -> GpuInfo | None:
     import torch  # deferred: importing torch is slow and not needed for presets
 
@@ -280,7 +288,7 @@ def _detect_gpu_torch() -> GpuInfo | None:
         total_bytes=int(total),
         free_bytes=int(free),
         compute_capability=(int(props.major), int(props.minor)),
-        bf16=bool(torch.cuda.is_bf16_supported()),
+        bf16=native_bf16((props.major, props.minor)),
         source="detected",
     )
 
@@ -305,7 +313,7 @@ def _detect_gpu_nvml() -> GpuInfo | None:
             total_bytes=int(mem.total),
             free_bytes=int(mem.free),
             compute_capability=(int(major), int(minor)),
-            bf16=(int(major), int(minor)) >= (8, 0),
+            bf16=native_bf16((int(major), int(minor))),
             source="detected",
         )
     finally:
@@ -348,6 +356,7 @@ def resolve_hardware(
     gpu: str | None = None,
     vram_gib: float | None = None,
     ram_gib: float | None = None,
+    max_vram_gib: float | None = None,
 ) -> Hardware:
     """The hardware to plan for, from detection plus the `--gpu`, `--vram`, `--ram` flags.
 
@@ -356,6 +365,8 @@ def resolve_hardware(
     - `vram_gib`: total and free GPU memory to assume. Applied to the preset, else to
       the detected GPU, else to a generic "custom GPU" (sm_80, bf16); source "override".
     - `ram_gib`: total and free CPU RAM to assume.
+    - `max_vram_gib`: at most this much GPU memory (total and free), the budget `--max-vram` also
+      caps the run at (`runtime.oom.cap_vram`); nothing to cap when there is no GPU.
     - none of them and no GPU detected: `gpu` is None, i.e. plan for CPU.
 
     Raises `UserError` for an unknown GPU name or a non-positive / non-finite amount.
@@ -388,6 +399,12 @@ def resolve_hardware(
                 bf16=gpu_info.bf16,
                 source="override",
             )
+
+    if max_vram_gib is not None:
+        cap = _gib_to_bytes("--max-vram", max_vram_gib)
+        if gpu_info is not None and cap < gpu_info.total_bytes:
+            gpu_info = dataclasses.replace(gpu_info, name=f"{gpu_info.name} (capped at {max_vram_gib:g} GiB)",
+                                           total_bytes=cap, free_bytes=min(cap, gpu_info.free_bytes))
 
     ram_total, ram_free, cores = detect_cpu()
     if ram_bytes is not None:

@@ -43,13 +43,130 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, params, scheduler=None, max_norm: float = 1.0) -> torch.Tensor:
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+UNDO_MAX_BYTES = 1 << 30  # StepUndo copies at most this much (3x the trained parameters' bytes) per step
+
+
+def undo_host_bytes(param_bytes: int, optimizer_state_bytes: int) -> int:
+    """Host RAM `StepUndo` holds during an optimizer step: the trained parameters and their
+    optimizer state, or 0 when they are too large to copy every step (full fine-tuning)."""
+    return param_bytes + optimizer_state_bytes if 3 * param_bytes <= UNDO_MAX_BYTES else 0
+
+
+class StepUndo:
+    """The trained parameters and their optimizer's state from before an optimizer step, copied to
+    the CPU (no accelerator memory), so an out-of-memory inside the step, after part of the update
+    was applied, is undone exactly. `optimizer_step` calls take() right before `optimizer.step()`
+    and drop() after it; undo() (the out-of-memory retry's reset) puts the copy back when a step
+    was under way. Cost: one host copy of the trained parameters and their optimizer state per
+    step (adapters: a few MB to a few hundred). Parameters too large to copy every step (above
+    UNDO_MAX_BYTES / 3: full fine-tuning) are not copied, and an out-of-memory inside their
+    optimizer step stops the stage instead of being retried. On meta tensors (the simulation)
+    there is nothing to copy."""
+
+    def __init__(self, params, optimizer: torch.optim.Optimizer):
+        self.params, self.optimizer = [p for p in params if p.requires_grad], optimizer
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.enabled = (undo_host_bytes(self.param_bytes, 0) > 0 or not self.params) and \
+            not any(p.is_meta for p in self.params)
+        self.saved: tuple[list[torch.Tensor], dict] | None = None
+        self.pending = False
+
+    def take(self) -> None:
+        self.pending = True
+        if self.enabled:
+            self.saved = ([p.detach().to("cpu", copy=True) for p in self.params],
+                          _to_cpu(self.optimizer.state_dict()))
+
+    def drop(self) -> None:
+        self.saved, self.pending = None, False
+
+    def undo(self) -> None:
+        if not self.pending:
+            return
+        if self.saved is None:
+            from lowmem_rlhf.errors import UserError
+
+            self.pending = False
+            if any(p.is_meta for p in self.params):
+                return
+            raise UserError(
+                f"out of memory inside the optimizer step, whose update cannot be undone: the trained "
+                f"parameters ({self.param_bytes / (1 << 30):.1f} GiB) are too large to copy every step; pick "
+                f"a LoRA profile (--profile qlora-shared) or a smaller model")
+        values, state = self.saved
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+        self.optimizer.load_state_dict(state)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.drop()
+
+
+def finite(norm: torch.Tensor) -> bool:
+    """A gradient norm is finite (a host sync on CUDA). On meta tensors (the simulation) there is
+    no value: the step is taken as finite, as the real run's would be."""
+    return norm.is_meta or bool(torch.isfinite(norm))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params, scheduler=None, max_norm: float = 1.0,
+                   undo: StepUndo | None = None, fault: tuple[str, int, int] | None = None) -> torch.Tensor:
     """The one optimizer step of every stage: clip the gradient norm of `params` to `max_norm`,
-    step, advance the scheduler (if any), zero the gradients. Returns the norm before clipping
-    (a 0-d tensor: reading it synchronises, so callers read it only when they log it)."""
+    step, advance the scheduler (if any), zero the gradients. Returns the norm before clipping (a
+    0-d tensor). A non-finite norm (a NaN/inf loss or gradient) skips the step: the gradients are
+    dropped and the parameters, the optimizer state and the schedule stay as they were; the
+    caller sees the skip in the returned norm (`NonFiniteGuard`). undo: taken before the update,
+    so an out-of-memory inside it can be undone; fault: (stage, step, micro_batch) for the
+    fault-injection switches (`runtime.oom`)."""
+    from lowmem_rlhf.runtime.oom import maybe_inject, maybe_poison
+
+    params = [p for p in params if p.requires_grad]
+    if fault is not None:
+        maybe_poison(fault[0], fault[1], params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not finite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+    if undo is not None:
+        undo.take()
     optimizer.step()
+    if fault is not None:
+        maybe_inject(*fault, at="optim")
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if undo is not None:
+        undo.drop()
     return norm
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite gradient norm; `limit` skips in a row stop
+    the stage with one line (its last checkpoint stays in RUN/.<stage>.partial for --resume)."""
+
+    def __init__(self, stage: str, limit: int, lr_knob: str):
+        self.stage, self.limit, self.lr_knob = stage, max(1, int(limit)), lr_knob
+        self.total = self.in_row = 0
+
+    def record(self, skipped: bool, step: int) -> bool:
+        """Counts a skipped (True) or applied step; raises UserError at `limit` skips in a row."""
+        self.total += skipped
+        self.in_row = self.in_row + 1 if skipped else 0
+        if self.in_row >= self.limit:
+            from lowmem_rlhf.errors import UserError
+
+            raise UserError(
+                f"{self.stage}: {self.in_row} optimizer steps in a row skipped for a NaN/inf loss or gradient "
+                f"(last at step {step}): lower the learning rate ({self.lr_knob}), or train in bf16 or fp32 "
+                f"rather than fp16; the last checkpoint, if any, is kept for --resume "
+                f"(--max-nonfinite sets how many skips in a row stop the stage)")
+        return skipped

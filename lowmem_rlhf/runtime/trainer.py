@@ -3,8 +3,10 @@ loop reads the same with plain torch and with DeepSpeed ZeRO-3 offload:
 
     trainer.forward(fn, *args)   run a loss helper (through the DeepSpeed engine under ZeRO-3)
     trainer.backward(loss)       one micro-batch, while the adapter is active
-    trainer.step()               clip 1.0 + AdamW + warmup-cosine; returns {"grad_norm", "lr"}
-    trainer.reset()              drop a partial step's gradients (out of memory mid-step)
+    trainer.step(fault)          clip 1.0 + AdamW + warmup-cosine; returns {"grad_norm", "lr", "skipped"}:
+                                 a NaN/inf gradient norm skips the update
+    trainer.reset()              undo a partial step (out of memory mid-step): its gradients, and a
+                                 half-applied optimizer step
     trainer.save_adapter(...)    PEFT layout (gathered first under ZeRO-3)
     trainer.offloaded_bytes()    host bytes DeepSpeed holds (ZeRO-3 only; measure.report reads it)
     trainer.checkpoint_parts()   what `checkpoint.capture/restore` needs (None: not resumable)
@@ -12,6 +14,7 @@ loop reads the same with plain torch and with DeepSpeed ZeRO-3 offload:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ import torch
 from lowmem_rlhf.config import Profile
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.optim import (
+    StepUndo,
     default_warmup,
     make_optimizer,
     optimizer_step,
@@ -38,6 +42,7 @@ class PlainTrainer:
         self.device = shared.loaded.device
         self.optimizer = make_optimizer(shared.parameters_of(adapter), profile.optimizer, lr, device=self.device)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
+        self.undo = StepUndo(shared.parameters_of(adapter), self.optimizer)
 
     def forward(self, fn, *args):
         return fn(*args)
@@ -45,13 +50,17 @@ class PlainTrainer:
     def backward(self, loss: torch.Tensor) -> None:
         self.shared.backward(loss)
 
-    def step(self) -> dict:
-        norm = optimizer_step(self.optimizer, self.shared.parameters_of(self.adapter), self.scheduler)
-        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+    def step(self, fault: tuple[str, int, int] | None = None) -> dict:
+        """fault: (stage, step, micro_batch) for the fault-injection switches (runtime.oom)."""
+        norm = optimizer_step(self.optimizer, self.shared.parameters_of(self.adapter), self.scheduler,
+                              undo=self.undo, fault=fault)
+        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0],
+                "skipped": not math.isfinite(float(norm))}
 
     def reset(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.shared.abandon()
+        self.undo.undo()
 
     def save_adapter(self, out_dir: Path, extra_meta: dict | None = None) -> Path:
         return self.shared.save_adapter(self.adapter, out_dir, extra_meta=extra_meta)

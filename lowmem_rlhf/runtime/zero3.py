@@ -240,14 +240,15 @@ class Zero3Trainer:
         if self._micro < self.grad_accum:
             self.ds_engine.step()  # a micro-step: DeepSpeed only advances its accumulation counter
 
-    def step(self) -> dict:
-        """Optimizer + scheduler step at the accumulation boundary."""
+    def step(self, fault: tuple[str, int, int] | None = None) -> dict:
+        """Optimizer + scheduler step at the accumulation boundary (DeepSpeed handles overflow
+        itself: "skipped" is False; `fault` is not injected here: ZeRO-3 stops on out-of-memory)."""
         if self._micro != self.grad_accum:
             raise RuntimeError(f"step() after {self._micro} backward passes; grad_accum={self.grad_accum}")
         self.ds_engine.step()
         self._micro = 0
         norm = self.ds_engine.get_global_grad_norm()
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.lr}
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.lr, "skipped": False}
 
     def reset(self) -> None:
         """Nothing to undo that a retry could use: ZeRO-3 runs stop on out-of-memory (see oom.py)."""

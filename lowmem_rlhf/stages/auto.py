@@ -55,7 +55,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     if not resume:
         write_json(run / "plan.json", plan_dict)
         save_auto_config(cfg, run)
-    common = dict(model=cfg.model, out=run, profile=cfg.profile, seed=cfg.seed,
+    common = dict(model=cfg.model, out=run, profile=cfg.profile, seed=cfg.seed, max_vram=cfg.max_vram,
                   trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
 
     def stage(name: str, title: str, fn, stage_cfg):

@@ -205,7 +205,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 st.log(iteration=it + 1, skipped=True, reason=str(e))
                 st.say(f"PPO iteration {it + 1} skipped: {e}")
                 continue
-            stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase)
+            stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase,
+                               on_step=lambda skipped: st.skipped({"skipped": skipped}, it + 1))
             kl_ctl.update(exp.seq_kl, B)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device)

@@ -57,7 +57,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             def accumulate(size: int) -> tuple[float, int]:
                 total, correct = 0.0, 0
                 for i in range(0, len(rows), size):
-                    maybe_inject("rm", step + 1, size)
+                    maybe_inject("rm", step + 1, size, "start" if i == 0 else "mid")
                     chunk = rows[i: i + size]
                     rc, rr = trainer.forward(pair_scores, engine, [r["chosen_ids"] for r in chunk],
                                              [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
@@ -67,9 +67,12 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
                     correct += int((rc > rr).sum())
                 return total, correct
 
+            def train_step(size: int) -> tuple[tuple[float, int], dict]:
+                return accumulate(size), trainer.step(fault=("rm", step + 1, size))
+
             with st.meter.phase("train_step"):
-                step_loss, correct = mb.run(step + 1, accumulate, trainer.reset)
-                stats = trainer.step()
+                (step_loss, correct), stats = mb.run(step + 1, train_step, trainer.reset)
+            st.skipped(stats, step + 1)
             losses.append(step_loss / len(rows))
             accs.append(correct / len(rows))
             state["micro_batch"] = mb.size

@@ -33,7 +33,8 @@ from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import LoadedModel, load_model
 from lowmem_rlhf.plan.estimator import Estimate, estimate
 from lowmem_rlhf.runtime import checkpoint
-from lowmem_rlhf.runtime.oom import MicroBatch, learned_cap
+from lowmem_rlhf.runtime.oom import MicroBatch, cap_vram, free_memory, learned_cap
+from lowmem_rlhf.runtime.optim import NonFiniteGuard
 from lowmem_rlhf.runtime.runs import (
     MetricsWriter,
     check_resume_config,
@@ -59,11 +60,14 @@ class Stage:
         self.parts: dict | None = None
         self.state: dict[str, Any] = {}
         self.resumed: Path | None = None
+        self.nonfinite = NonFiniteGuard(title, cfg.max_nonfinite, "--lr")
 
     # ---- setup --------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
+        if self.cfg.max_vram is not None and cap_vram(self.cfg.max_vram) is None:
+            self.say(f"note: --max-vram {self.cfg.max_vram:g} caps a CUDA GPU's memory; none is here, nothing capped")
         with contextlib.ExitStack() as stack:  # unwound here if the resume check fails
             self.out = stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
             self.stop = stack.enter_context(StopOnSignal(self.say))
@@ -76,7 +80,10 @@ class Stage:
         return self._stack.__exit__(*exc)
 
     def load(self, context: tuple[int, str] | None = None, merged: list[Path] = ()) -> LoadedModel:
-        """The base model for this stage's profile, with the `merged` adapters merged in."""
+        """The base model for this stage's profile, with the `merged` adapters merged in. What an
+        earlier stage in this process left is freed first: bitsandbytes' layers are only freed by
+        the cycle collector, so without it `auto` would hold two models at once."""
+        free_memory()
         self.merged = list(merged)
         self.loaded = load_model(self.cfg.model, self.profile, self.cfg.trust_remote_code,
                                  merge_adapters=tuple(self.merged), context=context)
@@ -152,9 +159,17 @@ class Stage:
         """Seconds since the current step began."""
         return time.time() - self._t0
 
+    def skipped(self, stats: dict[str, Any], step: int) -> bool:
+        """Counts an optimizer step skipped for a NaN/inf loss or gradient (stats["skipped"]), and
+        stops the stage at cfg.max_nonfinite in a row (`NonFiniteGuard`). -> whether it was."""
+        skipped = self.nonfinite.record(bool(stats.get("skipped")), step)
+        self.state["nonfinite_skips"] = self.state.get("nonfinite_skips", 0) + skipped
+        return skipped
+
     def log(self, postfix: dict[str, float] | None = None, **row: Any) -> None:
-        """One metrics.jsonl row; `postfix` also goes on the progress bar."""
-        self.metrics.write(**row)
+        """One metrics.jsonl row (with the run's count of non-finite skips so far); `postfix` also
+        goes on the progress bar."""
+        self.metrics.write(**row, nonfinite_skips=self.state.get("nonfinite_skips", 0))
         if postfix:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
 
@@ -162,6 +177,7 @@ class Stage:
     def finish(self, summary: dict[str, Any], counted: dict[str, int]) -> dict[str, Any]:
         """summary.json: what the stage reports, its wall seconds and estimated vs measured memory."""
         out = {"stage": self.name, "model": self.loaded.source, "profile": self.profile.name, **summary,
+               "nonfinite_skips": self.state.get("nonfinite_skips", 0),
                "seconds": self.state["seconds"], "memory": memory_report(self.est, self.meter.peaks, counted)}
         self.metrics.close()
         write_json(self.out / "summary.json", out)

@@ -54,7 +54,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             def accumulate(size: int) -> float:
                 total = 0.0
                 for i in range(0, len(rows), size):
-                    maybe_inject("sft", step + 1, size)
+                    maybe_inject("sft", step + 1, size, "start" if i == 0 else "mid")
                     chunk = rows[i: i + size]
                     batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
                                             [r["labels"] for r in chunk])
@@ -63,9 +63,12 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                     total += float(loss.detach())
                 return total
 
+            def train_step(size: int) -> tuple[float, dict]:
+                return accumulate(size), trainer.step(fault=("sft", step + 1, size))
+
             with st.meter.phase("train_step"):
-                step_loss = mb.run(step + 1, accumulate, trainer.reset)
-                stats = trainer.step()
+                step_loss, stats = mb.run(step + 1, train_step, trainer.reset)
+            st.skipped(stats, step + 1)
             losses.append(step_loss / max(n_tokens, 1))
             state["micro_batch"] = mb.size
             seq_tokens, dt = sum(len(r["input_ids"]) for r in rows), st.step_seconds
