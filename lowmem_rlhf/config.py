@@ -412,8 +412,9 @@ class AutoConfig:
 # facts) PPO found one-word nonsense ("SHOOT") that it scores high, held-out answers containing the
 # right word 35/96 -> 1/96; on the checker alone the reward was too sparse to move in 20 iterations
 # of 8 samples (mean 0.08, flat). Four samples per prompt (2 questions x 4 per rollout) put the right
-# word and the echoed word of one question side by side in the advantages: held-out exactly right
-# 2/96 -> 18/96 at seed 0 (README).
+# word and the echoed word of one question side by side in the advantages (held-out exactly right
+# 2/96 -> 18/96 at seed 0 before the checker read quoted answers, 0/96 -> 7/96 after; the knowledge
+# is lost on the way: README, "The embedded demo").
 DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4, "kl_target": 3.0,
               "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
               "missing_eos_penalty": 1.0, "samples_per_prompt": 4}

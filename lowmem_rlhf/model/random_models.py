@@ -57,13 +57,18 @@ def byte_tokenizer():
 
 
 def save_random(config, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                tokenizer=None) -> Path:
-    """Instantiate `config` with random weights and save it (with a tokenizer) as a model folder."""
+                tokenizer=None, device: str = "cpu") -> Path:
+    """Instantiate `config` with random weights and save it (with a tokenizer) as a model folder.
+    device="cuda" initialises on the GPU (a 7B model in seconds rather than minutes)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     folder = Path(folder)
     model.save_pretrained(str(folder))
     (tokenizer or byte_tokenizer()).save_pretrained(str(folder))
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
     return folder
