@@ -234,3 +234,32 @@ def test_the_cuda_allocator_grows_segments_unless_the_user_set_it(monkeypatch):
     import os
 
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # the command line sets it
+
+
+@pytest.mark.parametrize("profile", ["lora-bf16-shared", "qlora-shared"])
+def test_fp16_trains_with_a_loss_scale_and_fp32_adapters(byte_llama, tmp_path, profile):
+    """A card without bf16 gets the profile with dtype fp16 (the planner's switch): the base
+    computes in fp16, the adapter stays fp32, the loss is scaled before backward (GradScaler),
+    and SFT learns with no step skipped."""
+    prof = replace(load_profile(profile), dtype="fp16", lora_r=8, micro_batch=4, lora_dropout=0.0)
+    s = run_sft(SFTConfig(model=str(byte_llama), data=SEED_TASKS, out=tmp_path, profile=prof, max_len=64, batch=8,
+                          max_steps=8, lr=3e-3, seed=1, progress=False))
+    rows = _rows(tmp_path / "sft")
+    assert s["nonfinite_skips"] == 0 and s["overflow_skips"] == 0
+    assert all(r["loss_scale"] == 65536.0 for r in rows)  # the scaler ran and never had to back off
+    first, last = sum(r["loss"] for r in rows[:2]) / 2, sum(r["loss"] for r in rows[-2:]) / 2
+    assert last < first - 0.3, [r["loss"] for r in rows]
+    assert all(v.dtype == torch.float32 for v in _adapter(tmp_path / "sft").values())
+
+
+def test_fp16_ppo_scales_both_roles_losses_and_checkpoints_the_scales(byte_llama, tmp_path):
+    from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+
+    prof = replace(load_profile("qlora-shared"), dtype="fp16", lora_r=8, micro_batch=4)
+    s = run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=prof,
+                          reward=f"{ASSETS / 'rewards.py'}:ascii_share", iterations=2, rollout_batch=4,
+                          prompt_len=32, response_len=4, ppo_epochs=2, progress=False, save_every=1))
+    rows = _rows(tmp_path / "ppo")
+    assert s["nonfinite_skips"] == 0 and s["overflow_skips"] == 0 and s["skipped_iterations"] == 0
+    assert all(r["loss_scale_actor"] == r["loss_scale_critic"] == 65536.0 for r in rows)
+    assert all(v.dtype == torch.float32 for v in _adapter(tmp_path / "ppo").values())

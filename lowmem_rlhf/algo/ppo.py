@@ -18,7 +18,12 @@ from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
-from lowmem_rlhf.runtime.optim import StepUndo, finite, optimizer_step
+from lowmem_rlhf.runtime.optim import (
+    StepUndo,
+    finite,
+    optimizer_step,
+    overflow_is_expected,
+)
 
 LossFn = Callable[[SharedBase, Experience, list[int], PPOConfig, torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -64,12 +69,14 @@ def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, it
 
 def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, scheduler, exp: Experience,
                    chunk: list[int], mb: MicroBatch, iteration: int, loss_of: LossFn,
-                   cfg: PPOConfig) -> tuple[dict[str, list[torch.Tensor]], bool]:
+                   cfg: PPOConfig) -> tuple[dict[str, list[torch.Tensor]], dict[str, bool]]:
     """One optimizer step of the active adapter on the rollout rows `chunk`, accumulated over
     micro-batches; an out-of-memory anywhere in it (a micro-batch, the clipping, the optimizer step)
     is undone and the step retried at half the micro-batch. -> (per-micro-batch statistics,
-    whether the step was skipped for a NaN/inf loss or gradient)."""
-    undo = StepUndo(eng.parameters_of(adapter), opt)
+    {"skipped": the step was skipped for a NaN/inf loss or gradient, "overflow": that was an fp16
+    overflow its loss scale corrects})."""
+    scaler = eng.scalers.get(adapter)
+    undo = StepUndo(eng.parameters_of(adapter), opt, scaler)
 
     def reset() -> None:  # what an OOM mid-step undoes: partial gradients, the pending forward, a partial update
         opt.zero_grad(set_to_none=True)
@@ -78,10 +85,12 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
 
     def step(size: int):
         st = accumulate(eng, exp, chunk, size, iteration, loss_of, cfg)
-        return st, optimizer_step(opt, eng.parameters_of(adapter), scheduler, undo=undo, fault=("ppo", iteration, size))
+        return st, optimizer_step(opt, eng.parameters_of(adapter), scheduler, undo=undo,
+                                  fault=("ppo", iteration, size), scaler=scaler)
 
     st, norm = mb.run(iteration, step, reset)
-    return st, not finite(norm)
+    skipped = not finite(norm)
+    return st, {"skipped": skipped, "overflow": skipped and overflow_is_expected(scaler)}
 
 
 def minibatch_count(minibatches: int, rows: int) -> int:
@@ -92,14 +101,14 @@ def minibatch_count(minibatches: int, rows: int) -> int:
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
                phase: Phase = lambda name: contextlib.nullcontext(),
-               on_step: Callable[[bool], None] = lambda skipped: None) -> dict[str, torch.Tensor]:
+               on_step: Callable[[dict], None] = lambda step_stats: None) -> dict[str, torch.Tensor]:
     """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
     minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
     exactly when the update repeats the rollout's forward (no dropout, same temperature).
-    on_step(skipped) after each optimizer step: the stage counts steps skipped for a NaN/inf."""
+    on_step({"skipped", "overflow"}) after each optimizer step: the stage counts skipped steps."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
@@ -109,9 +118,9 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
         for j, chunk in enumerate([perm[i::n_mb] for i in range(n_mb)]):
             for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
                 with phase(f"{role}_update"), roles.role(role) as eng:
-                    st, skipped = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
+                    st, step_stats = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
                                                  mb, iteration, loss_of, cfg)
-                on_step(skipped)
+                on_step(step_stats)
                 for k in ("policy_loss", "value_loss"):  # micro-batch parts of one minibatch's loss
                     if k in st:
                         st[k] = [torch.stack(st[k]).sum()]

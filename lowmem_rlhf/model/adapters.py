@@ -69,6 +69,7 @@ class SharedBase:
         self.heads: dict[str, bool] = {}  # adapter -> has a scalar head
         self.active: str | None = None
         self._pending: str | None = None  # adapter whose training forward awaits backward
+        self.scalers: dict[str, torch.amp.GradScaler] = {}  # adapter -> fp16 loss scale (runtime.optim.make_scaler)
 
     # ---- adapters ------------------------------------------------------------------------------
     def _ensure_head(self) -> None:
@@ -199,8 +200,10 @@ class SharedBase:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward while the adapter that produced `loss` is still active."""
-        loss.backward()
+        """Backward while the adapter that produced `loss` is still active; under fp16 the loss
+        is multiplied by that adapter's loss scale first (`scalers`)."""
+        scaler = self.scalers.get(self.active)
+        (loss if scaler is None else scaler.scale(loss)).backward()
         self._pending = None
 
     def abandon(self) -> None:

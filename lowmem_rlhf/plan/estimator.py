@@ -32,7 +32,6 @@ from typing import Any
 from lowmem_rlhf.config import GIB, Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.plan.model_spec import LinearSpec, ModelSpec
-from lowmem_rlhf.runtime.optim import undo_host_bytes
 
 # Why the zero3-offload profile never runs PPO; the planner, the estimator and the CLI all say this.
 ZERO3_PPO_REASON = ("PPO does not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine the "
@@ -353,6 +352,16 @@ def dequant_transient_bytes(spec: ModelSpec, profile: Profile) -> int:
     if profile.quant not in ("nf4", "fp4"):
         return 0
     return max(lin.in_features * lin.out_features for lin in spec.linears) * DTYPE_BYTES[profile.dtype]
+
+
+UNDO_MAX_BYTES = 1 << 30  # runtime.optim.StepUndo copies at most this much (3x the trained parameters' bytes)
+
+
+def undo_host_bytes(param_bytes: int, optimizer_state_bytes: int) -> int:
+    """Host RAM `runtime.optim.StepUndo` holds during an optimizer step: the trained parameters
+    and their optimizer state, or 0 when they are too large to copy every step (full
+    fine-tuning)."""
+    return param_bytes + optimizer_state_bytes if 3 * param_bytes <= UNDO_MAX_BYTES else 0
 
 
 def kv_cache_bytes(spec: ModelSpec, profile: Profile, batch: int, tokens: int) -> int:

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from lowmem_rlhf.plan.estimator import UNDO_MAX_BYTES, undo_host_bytes  # noqa: F401 - the rule the estimator counts
+
 NON_PAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw"}
 
 
@@ -53,13 +55,21 @@ def _to_cpu(x):
     return x
 
 
-UNDO_MAX_BYTES = 1 << 30  # StepUndo copies at most this much (3x the trained parameters' bytes) per step
+def make_scaler(dtype: str, device) -> "torch.amp.GradScaler | None":
+    """fp16 compute (cards without native bf16: T4, V100, 2080 Ti) gets a dynamic loss scale:
+    torch's GradScaler. The adapter weights stay fp32 (peft keeps them so on a 16-bit base); the
+    loss is scaled before backward, so the small gradients through the fp16 base do not flush to
+    zero, and unscaled before clipping. An overflow (inf/NaN at this scale) skips the step and
+    halves the scale. bf16 and fp32 need none: None."""
+    if dtype != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
-def undo_host_bytes(param_bytes: int, optimizer_state_bytes: int) -> int:
-    """Host RAM `StepUndo` holds during an optimizer step: the trained parameters and their
-    optimizer state, or 0 when they are too large to copy every step (full fine-tuning)."""
-    return param_bytes + optimizer_state_bytes if 3 * param_bytes <= UNDO_MAX_BYTES else 0
+def overflow_is_expected(scaler) -> bool:
+    """An inf/NaN gradient under a loss scale still above 1 is the scale being too high, which
+    the scaler corrects by halving it: not counted towards --max-nonfinite."""
+    return scaler is not None and scaler.get_scale() > 1.0
 
 
 class StepUndo:
@@ -73,19 +83,20 @@ class StepUndo:
     optimizer step stops the stage instead of being retried. On meta tensors (the simulation)
     there is nothing to copy."""
 
-    def __init__(self, params, optimizer: torch.optim.Optimizer):
-        self.params, self.optimizer = [p for p in params if p.requires_grad], optimizer
+    def __init__(self, params, optimizer: torch.optim.Optimizer, scaler=None):
+        self.params, self.optimizer, self.scaler = [p for p in params if p.requires_grad], optimizer, scaler
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
         self.enabled = (undo_host_bytes(self.param_bytes, 0) > 0 or not self.params) and \
             not any(p.is_meta for p in self.params)
-        self.saved: tuple[list[torch.Tensor], dict] | None = None
+        self.saved: tuple[list[torch.Tensor], dict, dict | None] | None = None
         self.pending = False
 
     def take(self) -> None:
         self.pending = True
         if self.enabled:
             self.saved = ([p.detach().to("cpu", copy=True) for p in self.params],
-                          _to_cpu(self.optimizer.state_dict()))
+                          _to_cpu(self.optimizer.state_dict()),
+                          None if self.scaler is None else _to_cpu(self.scaler.state_dict()))
 
     def drop(self) -> None:
         self.saved, self.pending = None, False
@@ -103,11 +114,17 @@ class StepUndo:
                 f"out of memory inside the optimizer step, whose update cannot be undone: the trained "
                 f"parameters ({self.param_bytes / (1 << 30):.1f} GiB) are too large to copy every step; pick "
                 f"a LoRA profile (--profile qlora-shared) or a smaller model")
-        values, state = self.saved
+        values, state, scale = self.saved
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
         self.optimizer.load_state_dict(state)
+        if self.scaler is not None:  # end the scaler's half-done step (its unscale_), then put its scale back
+            try:
+                self.scaler.update()
+            except AssertionError:
+                pass
+            self.scaler.load_state_dict(scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.drop()
 
@@ -119,28 +136,40 @@ def finite(norm: torch.Tensor) -> bool:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params, scheduler=None, max_norm: float = 1.0,
-                   undo: StepUndo | None = None, fault: tuple[str, int, int] | None = None) -> torch.Tensor:
+                   undo: StepUndo | None = None, fault: tuple[str, int, int] | None = None,
+                   scaler=None) -> torch.Tensor:
     """The one optimizer step of every stage: clip the gradient norm of `params` to `max_norm`,
     step, advance the scheduler (if any), zero the gradients. Returns the norm before clipping (a
     0-d tensor). A non-finite norm (a NaN/inf loss or gradient) skips the step: the gradients are
     dropped and the parameters, the optimizer state and the schedule stay as they were; the
     caller sees the skip in the returned norm (`NonFiniteGuard`). undo: taken before the update,
     so an out-of-memory inside it can be undone; fault: (stage, step, micro_batch) for the
-    fault-injection switches (`runtime.oom`)."""
+    fault-injection switches (`runtime.oom`); scaler: fp16's loss scale (`make_scaler`), whose
+    gradients are unscaled before clipping, and whose scale is updated after the step (halved on
+    an overflow, which skips the step)."""
     from lowmem_rlhf.runtime.oom import maybe_inject, maybe_poison
 
     params = [p for p in params if p.requires_grad]
     if fault is not None:
         maybe_poison(fault[0], fault[1], params)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if not finite(norm):
+        if scaler is not None:
+            scaler.update()  # the overflow recorded by unscale_ halves the scale
         optimizer.zero_grad(set_to_none=True)
         return norm
     if undo is not None:
         undo.take()
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
     if fault is not None:
         maybe_inject(*fault, at="optim")
+    if scaler is not None:
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

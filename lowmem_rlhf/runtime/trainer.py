@@ -25,7 +25,9 @@ from lowmem_rlhf.runtime.optim import (
     StepUndo,
     default_warmup,
     make_optimizer,
+    make_scaler,
     optimizer_step,
+    overflow_is_expected,
     warmup_cosine,
 )
 
@@ -42,7 +44,10 @@ class PlainTrainer:
         self.device = shared.loaded.device
         self.optimizer = make_optimizer(shared.parameters_of(adapter), profile.optimizer, lr, device=self.device)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
-        self.undo = StepUndo(shared.parameters_of(adapter), self.optimizer)
+        self.scaler = make_scaler(profile.dtype, self.device)
+        if self.scaler is not None:
+            shared.scalers[adapter] = self.scaler
+        self.undo = StepUndo(shared.parameters_of(adapter), self.optimizer, self.scaler)
 
     def forward(self, fn, *args):
         return fn(*args)
@@ -53,9 +58,13 @@ class PlainTrainer:
     def step(self, fault: tuple[str, int, int] | None = None) -> dict:
         """fault: (stage, step, micro_batch) for the fault-injection switches (runtime.oom)."""
         norm = optimizer_step(self.optimizer, self.shared.parameters_of(self.adapter), self.scheduler,
-                              undo=self.undo, fault=fault)
-        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0],
-                "skipped": not math.isfinite(float(norm))}
+                              undo=self.undo, fault=fault, scaler=self.scaler)
+        skipped = not math.isfinite(float(norm))
+        out = {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0], "skipped": skipped,
+               "overflow": skipped and overflow_is_expected(self.scaler)}
+        if self.scaler is not None:
+            out["loss_scale"] = self.scaler.get_scale()
+        return out
 
     def reset(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -66,8 +75,9 @@ class PlainTrainer:
         return self.shared.save_adapter(self.adapter, out_dir, extra_meta=extra_meta)
 
     def checkpoint_parts(self) -> dict:
+        scalers = {} if self.scaler is None else {f"{self.adapter}-loss-scale": self.scaler}
         return dict(models={self.adapter: (self.shared.model, self.shared.owns(self.adapter))},
-                    optimizers={self.adapter: self.optimizer}, schedulers={self.adapter: self.scheduler})
+                    optimizers={self.adapter: self.optimizer}, schedulers={self.adapter: self.scheduler, **scalers})
 
 
 

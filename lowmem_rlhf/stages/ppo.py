@@ -34,7 +34,12 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
 from lowmem_rlhf.model.loading import load_model, logit_transform
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
-from lowmem_rlhf.runtime.optim import default_warmup, make_optimizer, warmup_cosine
+from lowmem_rlhf.runtime.optim import (
+    default_warmup,
+    make_optimizer,
+    make_scaler,
+    warmup_cosine,
+)
 from lowmem_rlhf.runtime.runs import finished_adapter
 from lowmem_rlhf.stages.scaffold import Stage
 
@@ -88,6 +93,8 @@ def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
         with roles.role(role) as eng:
             lr = lrs[role] if lrs[role] is not None else prof.learning_rate
             opts[role] = make_optimizer(eng.parameters_of(role), prof.optimizer, lr, device=device)
+            if (scaler := make_scaler(prof.dtype, device)) is not None:  # fp16: the role's loss scale
+                eng.scalers[role] = scaler
         if cfg.lr_schedule == "cosine":
             scheds[role] = warmup_cosine(opts[role], steps, default_warmup(steps))
     return opts, scheds
@@ -165,7 +172,9 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         gen_mb = st.micro_batch(B, knob=f"--response-len (now {R})", key="ppo-generation", start=B)
         sampler, order = D.EpochSampler(len(prompts), cfg.seed), torch.Generator().manual_seed(cfg.seed)
         parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
-                     optimizers=optimizers, schedulers=schedulers, samplers={"prompts": sampler, "minibatch_order": order})
+                     optimizers=optimizers, samplers={"prompts": sampler, "minibatch_order": order},
+                     schedulers={**schedulers, **{f"{r}-loss-scale": roles.engines[r].scalers[r]  # fp16 only
+                                                  for r in ("actor", "critic") if r in roles.engines[r].scalers}})
         moments = M.RunningMoments() if cfg.reward_norm else None
         state = st.resume({"rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
                            "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value,
@@ -206,10 +215,12 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 st.say(f"PPO iteration {it + 1} skipped: {e}")
                 continue
             stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase,
-                               on_step=lambda skipped: st.skipped({"skipped": skipped}, it + 1))
+                               on_step=lambda step_stats: st.skipped(step_stats, it + 1))
             kl_ctl.update(exp.seq_kl, B)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device)
+            row.update({f"loss_scale_{r}": roles.engines[r].scalers[r].get_scale()  # fp16 only
+                        for r in ("actor", "critic") if r in roles.engines[r].scalers})
             st.log(postfix={"reward": row["reward_mean"], "kl": row["kl"]}, **row)
             state["rewards"].append(row["reward_mean"])
             state.setdefault("kls", []).append(row["kl"])

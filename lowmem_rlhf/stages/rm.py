@@ -78,6 +78,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             state["micro_batch"] = mb.size
             st.log(postfix={"loss": losses[-1], "acc": accs[-1]}, step=step + 1, loss=losses[-1], accuracy=accs[-1],
                    lr=stats["lr"], grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=st.step_seconds,
                    **{f"peak_{k}": v for k, v in st.meter.read().items()})
         after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None

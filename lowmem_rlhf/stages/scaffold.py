@@ -161,7 +161,12 @@ class Stage:
 
     def skipped(self, stats: dict[str, Any], step: int) -> bool:
         """Counts an optimizer step skipped for a NaN/inf loss or gradient (stats["skipped"]), and
-        stops the stage at cfg.max_nonfinite in a row (`NonFiniteGuard`). -> whether it was."""
+        stops the stage at cfg.max_nonfinite in a row (`NonFiniteGuard`). An fp16 overflow that
+        the loss scale corrects by halving (stats["overflow"]) is counted apart and never stops
+        the stage. -> whether the step was skipped."""
+        if stats.get("overflow"):
+            self.state["overflow_skips"] = self.state.get("overflow_skips", 0) + 1
+            return True
         skipped = self.nonfinite.record(bool(stats.get("skipped")), step)
         self.state["nonfinite_skips"] = self.state.get("nonfinite_skips", 0) + skipped
         return skipped
@@ -169,7 +174,8 @@ class Stage:
     def log(self, postfix: dict[str, float] | None = None, **row: Any) -> None:
         """One metrics.jsonl row (with the run's count of non-finite skips so far); `postfix` also
         goes on the progress bar."""
-        self.metrics.write(**row, nonfinite_skips=self.state.get("nonfinite_skips", 0))
+        self.metrics.write(**row, nonfinite_skips=self.state.get("nonfinite_skips", 0),
+                           overflow_skips=self.state.get("overflow_skips", 0))
         if postfix:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
 
@@ -178,6 +184,7 @@ class Stage:
         """summary.json: what the stage reports, its wall seconds and estimated vs measured memory."""
         out = {"stage": self.name, "model": self.loaded.source, "profile": self.profile.name, **summary,
                "nonfinite_skips": self.state.get("nonfinite_skips", 0),
+               "overflow_skips": self.state.get("overflow_skips", 0),
                "seconds": self.state["seconds"], "memory": memory_report(self.est, self.meter.peaks, counted)}
         self.metrics.close()
         write_json(self.out / "summary.json", out)

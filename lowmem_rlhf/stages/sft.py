@@ -74,6 +74,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             seq_tokens, dt = sum(len(r["input_ids"]) for r in rows), st.step_seconds
             st.log(postfix={"loss": losses[-1]}, step=step + 1, loss=losses[-1], lr=stats["lr"],
                    grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), tokens=seq_tokens,
                    seconds=dt, tokens_per_s=seq_tokens / dt,
                    **{f"peak_{k}": v for k, v in st.meter.read().items()})
