@@ -3,6 +3,7 @@ cap, each phase's measured peak beside the estimator's and the simulation's.
 
     python scripts/gpu_proof.py                   # on a CUDA GPU: writes benchmarks/results/gpu_proof-<gpu>.json (+ .md)
     python scripts/gpu_proof.py --cpu-rehearsal   # the same code path on a tiny model on the CPU (< 2 min)
+    python scripts/gpu_proof.py --out "$OUT/gpu_proof-h200.json"   # on a lent device machine: files under $OUT come back
 
 What it does, in order (progress and times are printed as it goes):
 1. The simulations (one step of each stage on meta tensors, `measure.simulate`) start in worker
@@ -116,12 +117,20 @@ def profiles(model: str, shape, max_vram: float, rehearsal: bool):
     picks = []
     if p.chosen is not None:
         picks.append(p.chosen.profile)
-    q = next((c for c in p.candidates if c.profile.name == "qlora-shared" and c.fits), None)
-    if not any(x.name == "qlora-shared" for x in picks):
-        picks.append(q.profile if q is not None else load_profile("qlora-shared"))
+    if not any(x.name == "qlora-shared" for x in picks):  # planned on its own: the planner's micro-batch for it
+        q = plan(spec, hw, shape, [load_profile("qlora-shared")], ("sft", "rm", "ppo"))
+        picks.append(q.chosen.profile if q.chosen is not None else load_profile("qlora-shared"))
     if rehearsal:  # the tiny model: small LoRA, the same code
         picks = [replace(x, lora_r=8) for x in picks]
     return picks
+
+
+def _cpu_only_worker() -> None:
+    """Simulation workers see no GPU: importing bitsandbytes would otherwise open a CUDA context in
+    each, and the measured device figure (the card's used memory) would include them."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def simulate_one(model: str, profile_dict: dict, stage: str, shape_dict: dict) -> dict:
@@ -235,7 +244,7 @@ def main() -> None:
     sims: dict = {}
     pool = None
     if not args.no_simulate:  # spawned workers: the parent's CUDA state is not forked into them
-        pool = cf.ProcessPoolExecutor(max_workers=min(6, len(picks) * 3),
+        pool = cf.ProcessPoolExecutor(max_workers=min(6, len(picks) * 3), initializer=_cpu_only_worker,
                                       mp_context=multiprocessing.get_context("spawn"))
         sd = {"seq_len": seq, "batch": batch, "prompt_len": plen, "response_len": rlen, "rollout_batch": rollout}
         for p in picks:
@@ -248,9 +257,19 @@ def main() -> None:
               "shape": {"seq_len": seq, "batch": batch, "prompt_len": plen, "response_len": rlen,
                         "rollout_batch": rollout, "steps": steps},
               "profiles": {}, "simulated": {}}
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out = args.out or ((work / f"gpu_proof-{slug}.json") if rehearsal
+                       else ROOT / "benchmarks" / "results" / f"gpu_proof-{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for p in picks:
         say(f"profile {p.name}")
-        result["profiles"][p.name] = run_profile(p, model, data, shape, steps, args.max_vram, work / f"run-{p.name}")
+        try:
+            result["profiles"][p.name] = run_profile(p, model, data, shape, steps, args.max_vram,
+                                                     work / f"run-{p.name}")
+        except Exception as e:  # the other profile's figures are kept; the failure is in the JSON
+            result.setdefault("failed", {})[p.name] = f"{type(e).__name__}: {e}"
+            say(f"  {p.name} FAILED: {type(e).__name__}: {e}")
+        out.write_text(json.dumps({**result, "seconds": time.time() - T0}, indent=2))  # kept if killed later
     for (name, st), fut in sims.items():
         try:
             result["simulated"].setdefault(name, {})[st] = fut.result(timeout=600)
@@ -259,15 +278,12 @@ def main() -> None:
     if pool is not None:
         pool.shutdown()
     result["seconds"] = time.time() - T0
-
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or ((work / f"gpu_proof-{slug}.json") if rehearsal
-                       else ROOT / "benchmarks" / "results" / f"gpu_proof-{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(table(result))
     print(table(result))
     say(f"wrote {out} and {out.with_suffix('.md').name}")
+    if result.get("failed"):
+        sys.exit(f"error: profile(s) failed: {result['failed']}")
 
 
 if __name__ == "__main__":
