@@ -147,7 +147,7 @@ def stage_rows(run: Path, stage: str) -> list[dict]:
     return [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
 
 
-def figures(summary: dict, rows: list[dict], stage: str) -> dict:
+def figures(summary: dict, rows: list[dict]) -> dict:
     """Per phase [estimated, measured] bytes, and speed from the metrics."""
     out = {"phases": summary["memory"]["phases"], "seconds": summary["seconds"]}
     steps = [r for r in rows if not r.get("skipped")]
@@ -171,18 +171,18 @@ def run_profile(prof, model: str, data: dict, shape, steps: int, max_vram: float
     t = time.time()
     s = run_sft(SFTConfig(data=data["sft"], max_len=shape.seq_len, batch=shape.batch, max_steps=steps,
                           eval_fraction=0.05, **common))
-    res["sft"] = figures(s, stage_rows(out, "sft"), "sft")
+    res["sft"] = figures(s, stage_rows(out, "sft"))
     say(f"  {prof.name}: SFT {steps} steps in {time.time() - t:.1f} s (load included)")
     t = time.time()
     s = run_rm(RMConfig(data=data["pairs"], init_from=out / "sft", max_len=shape.seq_len, batch=shape.batch,
                         max_steps=steps, eval_fraction=0.05, **common))
-    res["rm"] = figures(s, stage_rows(out, "rm"), "rm")
+    res["rm"] = figures(s, stage_rows(out, "rm"))
     say(f"  {prof.name}: RM {steps} steps in {time.time() - t:.1f} s")
     t = time.time()
     s = run_ppo(PPOConfig(prompts=data["prompts"], sft=out / "sft", reward_model=out / "rm", iterations=steps,
                           rollout_batch=shape.rollout_batch, prompt_len=shape.prompt_len,
                           response_len=shape.response_len, ppo_epochs=1, **common))
-    res["ppo"] = figures(s, stage_rows(out, "ppo"), "ppo")
+    res["ppo"] = figures(s, stage_rows(out, "ppo"))
     say(f"  {prof.name}: PPO {steps} iterations in {time.time() - t:.1f} s")
     return res
 

@@ -194,5 +194,5 @@ class MicroBatch:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["MicroBatch", "maybe_inject", "maybe_poison", "is_oom", "shape_allocator", "cap_vram", "learned_cap", "free_memory", "FAULT_ENV",
-           "NAN_ENV"]
+__all__ = ["MicroBatch", "maybe_inject", "maybe_poison", "is_oom", "shape_allocator", "cap_vram", "learned_cap",
+           "free_memory", "FAULT_ENV", "NAN_ENV"]

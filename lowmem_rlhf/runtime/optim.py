@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowmem_rlhf.plan.estimator import UNDO_MAX_BYTES, undo_host_bytes  # noqa: F401 - the rule the estimator counts
+from lowmem_rlhf.plan.estimator import undo_host_bytes  # the rule the estimator counts
 
 NON_PAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw"}
 

@@ -14,7 +14,6 @@ loop reads the same with plain torch and with DeepSpeed ZeRO-3 offload:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.optim import (
     StepUndo,
     default_warmup,
+    finite,
     make_optimizer,
     make_scaler,
     optimizer_step,
@@ -59,7 +59,7 @@ class PlainTrainer:
         """fault: (stage, step, micro_batch) for the fault-injection switches (runtime.oom)."""
         norm = optimizer_step(self.optimizer, self.shared.parameters_of(self.adapter), self.scheduler,
                               undo=self.undo, fault=fault, scaler=self.scaler)
-        skipped = not math.isfinite(float(norm))
+        skipped = not finite(norm)
         out = {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0], "skipped": skipped,
                "overflow": skipped and overflow_is_expected(self.scaler)}
         if self.scaler is not None:
