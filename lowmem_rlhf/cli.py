@@ -96,6 +96,7 @@ def _stages(text: str) -> tuple[str, ...]:
 
 def print_plan(p) -> None:
     """Candidates table, the chosen profile and its per-stage breakdown."""
+    from lowmem_rlhf.plan.estimator import generation_rows
     from lowmem_rlhf.plan.model_spec import param_count_str
 
     budget, what = p.budget()
@@ -107,7 +108,8 @@ def print_plan(p) -> None:
     fig = "device" if p.target == "cuda" else "cpu_ram"
     t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
     t.add_column("profile")
-    t.add_column("micro x accum, ckpt")
+    ppo = "ppo" in p.stages
+    t.add_column("micro x accum, ckpt" + (", gen" if ppo else ""))
     for st in p.stages:
         t.add_column(st.upper(), justify="right")
     if p.target == "cuda":  # what the stages hold in host RAM (ZeRO-3 offload puts the model there)
@@ -115,7 +117,9 @@ def print_plan(p) -> None:
     t.add_column("verdict")
     for c in p.candidates:
         row = [c.profile.name, (f"{c.profile.micro_batch} x {c.grad_accum}, "
-                                f"{'on' if c.profile.grad_ckpt else 'off'}") if c.estimates else "-"]
+                                f"{'on' if c.profile.grad_ckpt else 'off'}"
+                                + (f", {generation_rows(c.profile, s.rollout_batch)}" if ppo else ""))
+               if c.estimates else "-"]
         for st in p.stages:
             e = c.estimates.get(st)
             row.append(_gib(getattr(e, fig)) if e else "-")
@@ -128,7 +132,9 @@ def print_plan(p) -> None:
     if chosen is None:
         return
     console.print(f"[bold green]chosen: {chosen.profile.name}[/bold green] ({chosen.profile.description}); "
-              f"micro-batch {chosen.profile.micro_batch} x {chosen.grad_accum} accumulation. "
+              f"micro-batch {chosen.profile.micro_batch} x {chosen.grad_accum} accumulation"
+              + (f"; PPO samples {generation_rows(chosen.profile, s.rollout_batch)} rollout rows at a time"
+                 if ppo else "") + ". "
               f"{chosen.reason}.")
     rejected = [c for c in p.candidates if not c.fits]
     if rejected:
@@ -265,6 +271,7 @@ def estimate(
     seq_len: int = typer.Option(512, "--seq-len", help="SFT/RM sequence length in tokens"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="micro-batch: sequences per forward (the effective batch does not change a step's peak)"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
+    generation_batch: Optional[int] = typer.Option(None, "--generation-batch", help="PPO: rollout rows sampled at once (0: the whole rollout; each chunk's KV cache is freed before the next)"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, adamw_8bit, paged_adamw_32bit, paged_adamw_8bit"),
     offload: Optional[str] = typer.Option(None, "--offload", help="none or zero3 (DeepSpeed param+optimizer offload)"),
     kbit_upcast: Optional[bool] = typer.Option(None, "--kbit-upcast/--no-kbit-upcast", help="peft k-bit prep's fp32 cast of non-quantized params"),
@@ -280,6 +287,7 @@ def estimate(
     """Peak memory of one stage for explicit knobs, by component and phase."""
     from lowmem_rlhf.config import Profile, dataclass_from_dict, load_profile
     from lowmem_rlhf.plan.estimator import estimate as run_estimate
+    from lowmem_rlhf.plan.estimator import generation_rows
     from lowmem_rlhf.plan.model_spec import load_spec
 
     if target not in ("cuda", "cpu"):
@@ -287,7 +295,7 @@ def estimate(
     base = load_profile(profile).to_dict()
     overrides = {"quant": quant, "double_quant": double_quant, "dtype": dtype, "lora_r": lora_r,
                  "lora_dropout": lora_dropout, "micro_batch": micro_batch, "grad_ckpt": grad_ckpt,
-                 "optimizer": optimizer, "offload": offload, "kbit_fp32_upcast": kbit_upcast}
+                 "generation_batch": generation_batch, "optimizer": optimizer, "offload": offload, "kbit_fp32_upcast": kbit_upcast}
     if lora_targets is not None:
         overrides["lora_targets"] = "all-linear" if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",") if t.strip()]
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -327,7 +335,8 @@ def estimate(
     console.print(f"[bold]{stage.upper()}[/bold] {spec.name}: quant={prof.quant}"
               f"{'+dq' if prof.double_quant and prof.quant in ('nf4', 'fp4') else ''} dtype={prof.dtype} "
               f"lora_r={prof.lora_r} ckpt={prof.grad_ckpt} optimizer={prof.optimizer} offload={prof.offload} "
-              f"micro-batch={prof.micro_batch}")
+              f"micro-batch={prof.micro_batch}"
+              + (f" generation-batch={generation_rows(prof, rollout_batch)}" if stage == "ppo" else ""))
     t = Table(title=f"{stage.upper()} by phase (GiB)")
     t.add_column("component")
     for ph in est.phases:
@@ -484,10 +493,13 @@ def ppo(
     save_every: int = option(PPOConfig, "save_every"),
     max_nonfinite: int = option(PPOConfig, "max_nonfinite"),
     max_vram: Optional[float] = option(PPOConfig, "max_vram"),
+    generation_batch: Optional[int] = typer.Option(None, "--generation-batch", help="rollout rows sampled at once "
+                                                   "(default: the planner's, or the profile's; 0: the whole rollout)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(PPOConfig, "trust_remote_code"),
 ):
     """PPO on one shared base: actor/critic/reward adapters, reference = adapters off."""
+    from lowmem_rlhf.plan.estimator import generation_rows
     from lowmem_rlhf.stages.ppo import run_ppo
 
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
@@ -497,7 +509,11 @@ def ppo(
     _positive(max_nonfinite=max_nonfinite)
     _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
     prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code, max_vram)
-    console.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/ppo")
+    if generation_batch is not None:
+        _not_negative(generation_batch=generation_batch)
+        prof = dataclasses.replace(prof, generation_batch=generation_batch)
+    console.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}, generation batch "
+                  f"{generation_rows(prof, rollout_batch)}) -> {out}/ppo")
     _print_summary(run_ppo(_config(PPOConfig, locals(), prof), console=console), "PPO summary")
 
 
@@ -592,9 +608,12 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
     from lowmem_rlhf.config import deepspeed_missing, load_all_profiles, load_profile
     from lowmem_rlhf.model.embedded import resolve_model_path
     from lowmem_rlhf.model.loading import resolve_source
+    from lowmem_rlhf.plan.hardware import gib_to_bytes
     from lowmem_rlhf.plan.model_spec import load_spec
     from lowmem_rlhf.plan.planner import choose_profile
 
+    if max_vram is not None:  # also with --profile, where no planning would check it
+        gib_to_bytes("--max-vram", max_vram)
     if profile:
         prof = load_profile(profile)
         if not prof.is_lora:

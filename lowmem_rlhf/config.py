@@ -74,6 +74,7 @@ class Profile:
     offload_pin_memory: bool = True
     attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     micro_batch: int = 4  # the planner lowers it to fit; accumulation follows from the stage's batch
+    generation_batch: int = 0  # PPO: rollout rows sampled at once (0: the whole rollout); the planner lowers it to fit
     learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class Profile:
             raise UserError(f"{source}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.micro_batch < 1:
             raise UserError(f"{source}: micro_batch must be >= 1")
+        if self.generation_batch < 0:
+            raise UserError(f"{source}: generation_batch must be >= 0 (0: the whole rollout at once)")
         if self.offload == "zero3" and self.quant != "none":
             raise UserError(
                 f"{source}: offload=zero3 needs a 16-bit base (quant: none); ZeRO-3 partitions "

@@ -108,6 +108,7 @@ TABLE = {
     "flag-zero-steps": (_with(SFT, max_steps="0"), "sft", ["--max-steps must be a positive integer"]),
     "flag-negative-save-every": (_with(SFT, save_every="-1"), "sft", ["--save-every must be 0 or more"]),
     "flag-zero-max-nonfinite": (_with(SFT, max_nonfinite="0"), "sft", ["--max-nonfinite must be a positive integer"]),
+    "flag-zero-max-vram": (_with(SFT, max_vram="0"), "sft", ["--max-vram must be a positive number of GiB, got 0"]),
     "flag-kl-estimator": (_with(PPO, reward="{rewards}:ascii_share", kl_estimator="k9"), "ppo",
                           ["--kl-estimator must be k1 or k3"]),
     "flag-two-rewards": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}"), "ppo",

@@ -134,6 +134,25 @@ def test_sft_oom_anywhere_in_a_step_is_undone_and_the_adapter_equals_a_clean_run
     assert _max_diff(got, clean_sft[0]) < 1e-5, what
 
 
+def test_fp16_oom_in_the_clipping_after_unscale_is_undone(byte_llama, tmp_path, monkeypatch):
+    """fp16: an out-of-memory in the gradient clipping, after the loss scale's unscale_, is undone
+    with the scaler's half-done step (a retry would otherwise fail with "unscale_() has already been
+    called"), and the run ends bit for bit where the same out-of-memory at the step's start does."""
+    prof = replace(load_profile("qlora-shared"), dtype="fp16", lora_r=8, micro_batch=4, lora_dropout=0.0)
+
+    def run(name, spec):
+        monkeypatch.setenv(FAULT_ENV, spec)
+        s = run_sft(_sft(byte_llama, tmp_path / name, profile=prof, max_steps=3))
+        return s, _rows(tmp_path / name / "sft"), _adapter(tmp_path / name / "sft")
+
+    s, rows, got = run("fault", "sft:2:2:clip:cuda")
+    assert [r["micro_batch"] for r in rows] == [4, 2, 2] and len(s["oom_events"]) == 1
+    assert s["overflow_skips"] == 0 and all(r["loss_scale"] == 65536.0 for r in rows)
+    _, start_rows, at_start = run("at-start", "sft:2:2")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in start_rows]
+    assert all(torch.equal(got[k], at_start[k]) for k in got)
+
+
 def test_ppo_oom_inside_the_optimizer_step_is_undone(byte_llama, tmp_path, monkeypatch):
     """PPO: an out-of-memory (RuntimeError form) inside the optimizer steps of iteration 2, after
     the update was applied: actor and critic end bit for bit where the same out-of-memory at the
@@ -174,12 +193,66 @@ def test_a_nan_gradient_skips_the_step_and_leaves_the_adapter_unchanged(byte_lla
 
 
 def test_nan_steps_in_a_row_stop_the_stage_with_one_line_and_keep_its_checkpoint(byte_llama, tmp_path, monkeypatch):
+    """The stop's advice works as given: the kept checkpoint resumes with --max-nonfinite raised
+    (a knob --resume lets change), and the resumed run finishes."""
     monkeypatch.setenv(NAN_ENV, "sft:2,sft:3,sft:4")
     with pytest.raises(UserError, match=r"SFT: 3 optimizer steps in a row skipped for a NaN/inf loss or gradient "
-                                        r"\(last at step 4\): lower the learning rate \(--lr"):
+                                        r"\(last at step 4\): start over \(--overwrite\) with a lower learning "
+                                        r"rate \(--lr\).*kept for --resume, which may raise --max-nonfinite"):
         run_sft(_sft(byte_llama, tmp_path, max_steps=6, save_every=1))
     assert not (tmp_path / "sft").exists()
     assert checkpoint.step_of(checkpoint.latest(partial_dir(tmp_path, "sft"))) == 3
+    monkeypatch.setenv(NAN_ENV, "sft:5")
+    s = run_sft(_sft(byte_llama, tmp_path, max_steps=6, save_every=1, resume=True, max_nonfinite=5))
+    assert s["nonfinite_skips"] == 3 and (tmp_path / "sft" / "summary.json").exists()
+
+
+def test_ppo_counts_nan_steps_per_adapter(byte_llama, tmp_path, monkeypatch):
+    """An actor whose every step is NaN stops PPO, although the critic's steps apply in between
+    (one count for both would be reset by each critic step and never stop)."""
+    from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+
+    monkeypatch.setenv(NAN_ENV, ",".join(f"ppo:{i}:actor" for i in range(1, 5)))
+    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4)
+    with pytest.raises(UserError, match=r"^PPO actor: 3 optimizer steps in a row skipped .*\(last at step 3\)"):
+        run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=prof,
+                          reward=f"{ASSETS / 'rewards.py'}:ascii_share", iterations=4, rollout_batch=4,
+                          prompt_len=32, response_len=4, ppo_epochs=1, progress=False))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit"])
+def test_step_undo_restores_the_optimizer_state_in_place(name):
+    """StepUndo puts the parameters and the optimizer state back bit for bit, writing into the
+    optimizer's own state tensors (a paged optimizer's buffers stay paged: load_state_dict would
+    swap them for new ones), and removes a state the undone step created."""
+    from lowmem_rlhf.runtime.optim import StepUndo, make_optimizer
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = make_optimizer([w], name, lr=1e-2)
+    undo = StepUndo([w], opt)
+
+    def step():
+        w.grad = torch.randn_like(w)
+        undo.take()
+        opt.step()
+
+    step()  # the first step creates the state: undone, it is gone
+    undo.undo()
+    assert len(opt.state[w]) == 0 and w.grad is None
+    step()
+    undo.drop()
+    before_w = w.detach().clone()
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[w].items()}
+    tensors = {k: v for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
+    step()
+    assert not torch.equal(w, before_w)
+    undo.undo()
+    assert torch.equal(w, before_w)
+    for k, v in opt.state[w].items():
+        assert (torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k]), k
+        if isinstance(v, torch.Tensor):
+            assert v is tensors[k], k  # the same tensor object, written in place
 
 
 def test_the_next_stage_loads_with_no_4bit_layer_of_the_previous_one_alive(byte_llama, tmp_path, monkeypatch):
@@ -263,3 +336,15 @@ def test_fp16_ppo_scales_both_roles_losses_and_checkpoints_the_scales(byte_llama
     assert s["nonfinite_skips"] == 0 and s["overflow_skips"] == 0 and s["skipped_iterations"] == 0
     assert all(r["loss_scale_actor"] == r["loss_scale_critic"] == 65536.0 for r in rows)
     assert all(v.dtype == torch.float32 for v in _adapter(tmp_path / "ppo").values())
+
+
+def test_a_checkpoint_without_loss_scales_resumes_with_a_fresh_scale():
+    """A checkpoint written before fp16 had loss scales holds no '<role>-loss-scale': restoring it
+    keeps the fresh scaler (start scale 2**16) instead of failing; any other missing entry fails."""
+    state = checkpoint.capture({}, {}, {}, {}, {"step": 3})
+    scaler = torch.amp.GradScaler("cpu")
+    assert checkpoint.restore(state, {}, {}, {"actor-loss-scale": scaler}, {}) == {"step": 3}
+    assert scaler.get_scale() == 65536.0
+    with pytest.raises(KeyError):
+        checkpoint.restore(state, {}, {}, {"actor": torch.optim.lr_scheduler.LambdaLR(
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), lambda s: 1.0)}, {})

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
+from transformers import LogitsProcessorList
 
 from lowmem_rlhf.algo import ppo_math as M
 from lowmem_rlhf.algo.pairwise import last_token_scores
 from lowmem_rlhf.algo.roles import Roles
+from lowmem_rlhf.algo.sampling import RowGumbelSampler, row_seeds
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data import collate_left
 from lowmem_rlhf.model.adapters import SharedBase
@@ -102,13 +104,19 @@ def ended_rows(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
-             top_p: float, greedy: bool = False, prompt_texts: list[str] | None = None) -> Rollout:
-    """Sample responses with whatever adapter is active (or none, inside engine.reference())."""
+             top_p: float, greedy: bool = False, prompt_texts: list[str] | None = None,
+             seeds: list[int] | None = None) -> Rollout:
+    """Sample responses with whatever adapter is active (or none, inside engine.reference()).
+    seeds: one per row (`algo.sampling`): row b samples from its own stream, so the same rows
+    sampled in other chunks give the same responses (default: drawn from torch's global RNG)."""
     engine.model.eval()
     batch = collate_left(prompt_ids, tok.pad_token_id)
     device = engine.loaded.device
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    kwargs: dict = dict(do_sample=False)  # greedy search; sampling is the row sampler's argmax
+    if not greedy:
+        seeds = row_seeds(len(prompt_ids)) if seeds is None else seeds
+        kwargs["logits_processor"] = LogitsProcessorList([RowGumbelSampler(seeds, temperature, top_p, device)])
     eos = stop_ids(engine.model, tok)
     out = engine.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new, use_cache=True,
                                 pad_token_id=tok.pad_token_id, eos_token_id=eos, **kwargs)
@@ -125,13 +133,17 @@ def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int,
 
 
 def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
-                       top_p: float, chunk: int, prompt_texts: list[str] | None = None) -> Rollout:
+                       top_p: float, chunk: int, prompt_texts: list[str] | None = None,
+                       seeds: list[int] | None = None) -> Rollout:
     """`generate` over chunks of `chunk` prompts, joined into one rollout: each chunk's left-padded
     prompts are padded further on the left to the longest prompt of all (mask 0 there, positions
-    from the mask, so nothing else changes). (B, P + R) like one batched call."""
+    from the mask, so nothing else changes). (B, P + R) like one batched call; with the same
+    per-row `seeds`, the same responses as one batched call (up to the float rounding of other
+    batch shapes: tests/test_generation_batch.py)."""
+    seeds = row_seeds(len(prompt_ids)) if seeds is None else seeds
     if chunk >= len(prompt_ids):
-        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts)
-    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p)
+        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts, seeds=seeds)
+    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p, seeds=seeds[i: i + chunk])
              for i in range(0, len(prompt_ids), chunk)]
     P = max(r.seqs.shape[1] - max_new for r in parts)
 

@@ -74,7 +74,7 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
     micro-batches; an out-of-memory anywhere in it (a micro-batch, the clipping, the optimizer step)
     is undone and the step retried at half the micro-batch. -> (per-micro-batch statistics,
     {"skipped": the step was skipped for a NaN/inf loss or gradient, "overflow": that was an fp16
-    overflow its loss scale corrects})."""
+    overflow its loss scale corrects, "role": adapter})."""
     scaler = eng.scalers.get(adapter)
     undo = StepUndo(eng.parameters_of(adapter), opt, scaler)
 
@@ -86,11 +86,11 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
     def step(size: int):
         st = accumulate(eng, exp, chunk, size, iteration, loss_of, cfg)
         return st, optimizer_step(opt, eng.parameters_of(adapter), scheduler, undo=undo,
-                                  fault=("ppo", iteration, size), scaler=scaler)
+                                  fault=("ppo", iteration, size, adapter), scaler=scaler)
 
     st, norm = mb.run(iteration, step, reset)
     skipped = not finite(norm)
-    return st, {"skipped": skipped, "overflow": skipped and overflow_is_expected(scaler)}
+    return st, {"skipped": skipped, "overflow": skipped and overflow_is_expected(scaler), "role": adapter}
 
 
 def minibatch_count(minibatches: int, rows: int) -> int:
@@ -108,7 +108,7 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
     exactly when the update repeats the rollout's forward (no dropout, same temperature).
-    on_step({"skipped", "overflow"}) after each optimizer step: the stage counts skipped steps."""
+    on_step({"skipped", "overflow", "role"}) after each optimizer step: the stage counts skipped steps."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)

@@ -386,6 +386,7 @@ class _Rehearsal:
         from lowmem_rlhf.algo.roles import Roles
         from lowmem_rlhf.config import PPOConfig
         from lowmem_rlhf.model.adapters import disable_dropout
+        from lowmem_rlhf.plan.estimator import generation_rows
         from lowmem_rlhf.runtime.oom import MicroBatch
 
         if not (self.profile.is_lora and self.profile.shared_base):
@@ -400,13 +401,18 @@ class _Rehearsal:
         size = max(1, min(self.profile.micro_batch, B))
         # fixed sizes (elastic=False): the rehearsal never halves a micro-batch, nor logs to a run folder
         gen_mb, mb = (MicroBatch(n, "ppo", Path(tempfile.gettempdir()), self.profile.name, knob="", elastic=False)
-                      for n in (B, size))
+                      for n in (generation_rows(self.profile, B), size))
         prompts = self.ids(B, P)
         kv = [0]
 
-        def sample(rows: int) -> Rollout:
+        def sample(rows: int) -> Rollout:  # as generate_in_chunks: `rows` at a time, each chunk's cache freed
+            parts = []
             with torch.no_grad():
-                kv[0], seqs = self.generation(prompts, R)
+                for i in range(0, B, rows):
+                    k, seqs = self.generation(prompts[i: i + rows], R)
+                    kv[0] = max(kv[0], k)
+                    parts.append(seqs)
+            seqs = torch.cat(parts)
             return Rollout(seqs, None, seqs[:, P:], torch.ones(B, R, device=self.device), [], [],
                            torch.zeros(B, dtype=torch.bool, device=self.device))
 

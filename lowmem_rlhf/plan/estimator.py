@@ -364,6 +364,11 @@ def undo_host_bytes(param_bytes: int, optimizer_state_bytes: int) -> int:
     return param_bytes + optimizer_state_bytes if 3 * param_bytes <= UNDO_MAX_BYTES else 0
 
 
+def generation_rows(profile: Profile, rollout_batch: int) -> int:
+    """Rollout rows sampled at once: the profile's generation_batch (0: all), at most the rollout."""
+    return min(profile.generation_batch or rollout_batch, rollout_batch)
+
+
 def kv_cache_bytes(spec: ModelSpec, profile: Profile, batch: int, tokens: int) -> int:
     """Keys and values of every layer: 2 x L x kv_heads x head_dim x tokens x batch x bytes."""
     return 2 * spec.num_layers * spec.kv_dim * tokens * batch * act_bytes(profile)
@@ -485,11 +490,13 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     # rollout buffers: token ids, masks, old logprobs, ref logprobs, values, rewards, advantages
     static["rollout_buffers"] = B * S * (8 + 8) + B * R * 4 * 6
     phases = []
-    # generation: prefill the prompts, then decode with the KV cache; logits for the last token only
+    # generation: prefill the prompts, then decode with the KV cache; logits for the last token only;
+    # generation_batch rows at a time (each chunk's cache is freed before the next chunk starts)
+    G = generation_rows(profile, B)
     gen = dict(static)
-    gen["kv_cache"] = kv_cache_bytes(spec, profile, B, S)
-    gen["transient"] = max(layer_forward_transient(spec, profile, B * P), 0) + B * P * spec.hidden_size * p
-    gen["logits"] = B * spec.vocab_size * (p + 4 + 4)
+    gen["kv_cache"] = kv_cache_bytes(spec, profile, G, S)
+    gen["transient"] = max(layer_forward_transient(spec, profile, G * P), 0) + G * P * spec.hidden_size * p
+    gen["logits"] = G * spec.vocab_size * (p + 4 + 4)
     gen["dequant"] = dequant_transient_bytes(spec, profile)  # prefill: many tokens per 4-bit matmul
     phases.append(Phase("generation", gen, paged=paged, target=target))
     # scoring: reward (+ value and reference log-probs), forward only, one micro-batch at a time
@@ -517,5 +524,5 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     return phases
 
 
-__all__ = ["Estimate", "Phase", "estimate", "weight_bytes", "optimizer_bytes", "trainable_tensors",
+__all__ = ["Estimate", "Phase", "estimate", "generation_rows", "weight_bytes", "optimizer_bytes", "trainable_tensors",
            "lora_tensors", "activation_bytes", "kv_cache_bytes", "layer_saved_bytes", "GIB"]

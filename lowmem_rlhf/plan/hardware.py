@@ -343,7 +343,7 @@ def detect_cpu() -> tuple[int, int, int]:
     return int(mem.total), int(mem.available), int(cores)
 
 
-def _gib_to_bytes(flag: str, value: float) -> int:
+def gib_to_bytes(flag: str, value: float) -> int:
     """Validate a user-given GiB amount and convert it to bytes."""
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if numeric and math.isfinite(value) and value > 0 and int(value * GIB) > 0:
@@ -371,8 +371,8 @@ def resolve_hardware(
 
     Raises `UserError` for an unknown GPU name or a non-positive / non-finite amount.
     """
-    vram_bytes = _gib_to_bytes("--vram", vram_gib) if vram_gib is not None else None
-    ram_bytes = _gib_to_bytes("--ram", ram_gib) if ram_gib is not None else None
+    vram_bytes = gib_to_bytes("--vram", vram_gib) if vram_gib is not None else None
+    ram_bytes = gib_to_bytes("--ram", ram_gib) if ram_gib is not None else None
 
     gpu_info: GpuInfo | None
     if gpu is not None:
@@ -401,7 +401,7 @@ def resolve_hardware(
             )
 
     if max_vram_gib is not None:
-        cap = _gib_to_bytes("--max-vram", max_vram_gib)
+        cap = gib_to_bytes("--max-vram", max_vram_gib)
         if gpu_info is not None and cap < gpu_info.total_bytes:
             gpu_info = dataclasses.replace(gpu_info, name=f"{gpu_info.name} (capped at {max_vram_gib:g} GiB)",
                                            total_bytes=cap, free_bytes=min(cap, gpu_info.free_bytes))

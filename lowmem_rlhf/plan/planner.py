@@ -3,7 +3,9 @@
 Profiles are tried in rank order (fidelity first, then speed). For each, the micro-batch is halved
 from the profile's value down to 1 (gradient accumulation rises so the effective batch stays) until
 every requested stage fits the budget with a safety margin; a profile with checkpointing is first
-tried without it, since recomputation costs a third more compute. The first profile that fits is chosen;
+tried without it, since recomputation costs a third more compute. At each of these, PPO's
+generation batch (rollout rows sampled at once, each chunk's KV cache freed before the next) is
+halved first, as long as the generation phase is what does not fit. The first profile that fits is chosen;
 every rejected one keeps the reason and by how much it missed.
 """
 
@@ -15,7 +17,13 @@ from typing import Any
 
 from lowmem_rlhf.config import STAGES, Profile, Shape, deepspeed_missing
 from lowmem_rlhf.errors import NoFit, UserError
-from lowmem_rlhf.plan.estimator import GIB, ZERO3_PPO_REASON, Estimate, estimate
+from lowmem_rlhf.plan.estimator import (
+    GIB,
+    ZERO3_PPO_REASON,
+    Estimate,
+    estimate,
+    generation_rows,
+)
 from lowmem_rlhf.plan.hardware import Hardware
 from lowmem_rlhf.plan.model_spec import ModelSpec
 
@@ -125,6 +133,15 @@ def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, sta
     return Candidate(profile, ests, True, "fits")
 
 
+def _generation_bound(c: Candidate, hw: Hardware) -> bool:
+    """PPO does not fit, and its peak is the generation phase (a smaller generation batch helps)."""
+    e = c.estimates.get("ppo")
+    if c.fits or e is None or e.peak.name != "generation":
+        return False
+    need = e.device if hw.device == "cuda" else e.cpu_ram
+    return need > int(budget_bytes(hw)[0] * (1 - SAFETY_MARGIN))
+
+
 def _halvings(mb: int) -> list[int]:
     out = [mb]
     while out[-1] > 1:
@@ -153,21 +170,30 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         # fastest first: no recomputation if it fits, then checkpointing at halving micro-batches
         trials = [(False, mb0)] if prof.grad_ckpt else []
         trials += [(prof.grad_ckpt, mb) for mb in _halvings(mb0)]
+        # PPO's generation batch comes first at each trial: the largest that fits the generation phase
+        # (it only sets the KV cache and the prefill; the training knobs do not touch that phase)
+        gens = _halvings(generation_rows(prof, shape.rollout_batch)) if "ppo" in stages else [prof.generation_batch]
         for ckpt, mb in trials:
-            cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt)
-            cand = _evaluate(spec, cand_prof, shape, hw, stages)
-            cand.grad_accum = math.ceil(shape.batch / mb)
-            best = cand
+            for g in gens:
+                cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt, generation_batch=g)
+                cand = _evaluate(spec, cand_prof, shape, hw, stages)
+                cand.grad_accum = math.ceil(shape.batch / mb)
+                best = cand
+                if cand.fits or not _generation_bound(cand, hw):
+                    break
             if cand.fits:
                 if not ckpt and prof.grad_ckpt:
                     cand.reason = "fits without gradient checkpointing (faster)"
                 elif mb < prof.micro_batch:
                     cand.reason = f"fits at micro-batch {mb} x {cand.grad_accum} accumulation"
+                if "ppo" in stages and g < shape.rollout_batch:
+                    cand.reason += (f"{'' if cand.reason == 'fits' else ','} sampling {g} of {shape.rollout_batch} "
+                                    "rollout rows at a time")
                 if note:
                     cand.reason += f"; {note}"
                 break
         if not best.fits:
-            best.reason += ", even at micro-batch 1"
+            best.reason += ", even at micro-batch 1" + (" and generation batch 1" if _generation_bound(best, hw) else "")
         result.candidates.append(best)
         if best.fits:
             break

@@ -83,6 +83,8 @@ def restore(state: dict[str, Any], models: dict, optimizers: dict, schedulers: d
     for k, o in optimizers.items():
         o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
+        if k.endswith("-loss-scale") and k not in state["schedulers"]:
+            continue  # a checkpoint older than fp16's loss scales: the scaler starts afresh
         s.load_state_dict(state["schedulers"][k])
     for k, s in samplers.items():
         s.set_state(state["samplers"][k]) if isinstance(s, torch.Generator) else s.load_state_dict(state["samplers"][k])

@@ -9,14 +9,17 @@ Fault injection (tests, rehearsals):
   LOWMEM_RLHF_INJECT_OOM="stage:step:max_micro_batch[:at[:form]][,...]" makes that stage's step
   run out of memory while the micro-batch is above max_micro_batch (0: at every size).
     at:   start (default: the first micro-batch), mid (the second micro-batch, after the first
-          has added its gradients), optim (inside the optimizer step, after the update is applied)
+          has added its gradients), clip (in the gradient clipping, after fp16's unscale_), optim
+          (inside the optimizer step, after the update is applied)
     form: torch (default: torch.OutOfMemoryError), cuda (RuntimeError "CUDA out of memory"),
           cublas (RuntimeError "CUBLAS_STATUS_ALLOC_FAILED")
-  LOWMEM_RLHF_INJECT_NAN="stage:step[,...]" makes that step's gradient NaN before it is applied.
+  LOWMEM_RLHF_INJECT_NAN="stage:step[:role][,...]" makes that step's gradient NaN before it is
+  applied (role: only that adapter's step, e.g. ppo:2:actor).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -39,7 +42,7 @@ OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None), getattr
 # what the RuntimeError of a failed CUDA allocation outside torch's allocator says
 OOM_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                "CUDA error: out of memory", "cudaErrorMemoryAllocation")
-AT = ("start", "mid", "optim")
+AT = ("start", "mid", "clip", "optim")
 FORMS = {
     "torch": lambda msg: OOM_TYPES[0](msg),
     "cuda": lambda msg: RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({msg})"),
@@ -57,8 +60,14 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _specs(env: str, fields: int) -> list[list[str]]:
+    return _parse(env, os.environ.get(env, ""), fields)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(env: str, value: str, fields: int) -> list[list[str]]:
+    """The switch's specs, parsed once per value (the switches are read at every micro-batch)."""
     out = []
-    for spec in filter(None, os.environ.get(env, "").split(",")):
+    for spec in filter(None, value.split(",")):
         parts = spec.strip().split(":")
         if len(parts) < fields:
             raise UserError(f"{env}={spec!r}: too few fields; see `lowmem_rlhf.runtime.oom` for the format, "
@@ -69,8 +78,8 @@ def _specs(env: str, fields: int) -> list[list[str]]:
 
 def maybe_inject(stage: str, step: int, micro_batch: int, at: str = "start") -> None:
     """The out-of-memory fault-injection switch, called at each injection point of a step: the top
-    of the first micro-batch (at="start"), of the second (at="mid"), and inside the optimizer step
-    after the update (at="optim")."""
+    of the first micro-batch (at="start"), of the second (at="mid"), in the clipping (at="clip")
+    and inside the optimizer step after the update (at="optim")."""
     for parts in _specs(FAULT_ENV, 3):
         spec = ":".join(parts)
         try:
@@ -86,10 +95,11 @@ def maybe_inject(stage: str, step: int, micro_batch: int, at: str = "start") -> 
             raise FORMS[form](f"injected out-of-memory ({FAULT_ENV}={spec}) at micro-batch {micro_batch}")
 
 
-def maybe_poison(stage: str, step: int, params) -> None:
-    """The non-finite fault-injection switch: makes this step's gradients NaN when NAN_ENV names it."""
+def maybe_poison(stage: str, step: int, params, role: str = "") -> None:
+    """The non-finite fault-injection switch: makes this step's gradients NaN when NAN_ENV names it
+    (stage:step, or stage:step:role for one of PPO's adapters)."""
     for parts in _specs(NAN_ENV, 2):
-        if parts[0] == stage and parts[1] == str(step):
+        if parts[0] == stage and parts[1] == str(step) and parts[2:3] in ([], [role]):
             for p in params:
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))

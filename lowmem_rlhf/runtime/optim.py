@@ -86,39 +86,55 @@ class StepUndo:
     def __init__(self, params, optimizer: torch.optim.Optimizer, scaler=None):
         self.params, self.optimizer, self.scaler = [p for p in params if p.requires_grad], optimizer, scaler
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
-        self.enabled = (undo_host_bytes(self.param_bytes, 0) > 0 or not self.params) and \
-            not any(p.is_meta for p in self.params)
-        self.saved: tuple[list[torch.Tensor], dict, dict | None] | None = None
+        # why no copy is kept, or None: meta tensors (nothing to undo), or too large to copy
+        self.no_copy = "meta" if any(p.is_meta for p in self.params) else \
+            None if undo_host_bytes(self.param_bytes, 0) > 0 or not self.params else "large"
+        self.saved: tuple[list[torch.Tensor], list[dict], dict | None] | None = None
         self.pending = False
 
     def take(self) -> None:
         self.pending = True
-        if self.enabled:
+        if self.no_copy is None:
             self.saved = ([p.detach().to("cpu", copy=True) for p in self.params],
-                          _to_cpu(self.optimizer.state_dict()),
+                          [_to_cpu(dict(self.optimizer.state.get(p, {}))) for p in self.params],
                           None if self.scaler is None else _to_cpu(self.scaler.state_dict()))
 
     def drop(self) -> None:
         self.saved, self.pending = None, False
 
     def undo(self) -> None:
+        """Puts the parameters, their optimizer state and the loss scale back as take() found them.
+        The optimizer's state tensors are written in place (not through load_state_dict, which
+        would replace a paged optimizer's unified-memory buffers with ordinary device tensors); a
+        state the step created (the first step) is removed, so the retried step creates it again."""
         if not self.pending:
             return
         if self.saved is None:
             from lowmem_rlhf.errors import UserError
 
             self.pending = False
-            if any(p.is_meta for p in self.params):
+            if self.no_copy == "meta":
                 return
             raise UserError(
                 f"out of memory inside the optimizer step, whose update cannot be undone: the trained "
                 f"parameters ({self.param_bytes / (1 << 30):.1f} GiB) are too large to copy every step; pick "
                 f"a LoRA profile (--profile qlora-shared) or a smaller model")
-        values, state, scale = self.saved
+        values, states, scale = self.saved
         with torch.no_grad():
-            for p, v in zip(self.params, values):
+            for p, v, before in zip(self.params, values, states):
                 p.copy_(v)
-        self.optimizer.load_state_dict(state)
+                now = self.optimizer.state.get(p)
+                if not before:
+                    self.optimizer.state.pop(p, None)
+                    continue
+                for k, old in before.items():
+                    if isinstance(old, torch.Tensor) and isinstance(now.get(k), torch.Tensor) \
+                            and now[k].shape == old.shape:
+                        now[k].copy_(old)
+                    else:
+                        now[k] = old.to(p.device) if isinstance(old, torch.Tensor) and k != "step" else old
+                for k in [k for k in now if k not in before]:
+                    del now[k]
         if self.scaler is not None:  # end the scaler's half-done step (its unscale_), then put its scale back
             try:
                 self.scaler.update()
@@ -143,7 +159,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, scheduler=None, max
     0-d tensor). A non-finite norm (a NaN/inf loss or gradient) skips the step: the gradients are
     dropped and the parameters, the optimizer state and the schedule stay as they were; the
     caller sees the skip in the returned norm (`NonFiniteGuard`). undo: taken before the update,
-    so an out-of-memory inside it can be undone; fault: (stage, step, micro_batch) for the
+    so an out-of-memory inside it can be undone; fault: (stage, step, micro_batch[, role]) for the
     fault-injection switches (`runtime.oom`); scaler: fp16's loss scale (`make_scaler`), whose
     gradients are unscaled before clipping, and whose scale is updated after the step (halved on
     an overflow, which skips the step)."""
@@ -151,23 +167,27 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, scheduler=None, max
 
     params = [p for p in params if p.requires_grad]
     if fault is not None:
-        maybe_poison(fault[0], fault[1], params)
+        maybe_poison(fault[0], fault[1], params, *fault[3:])
+    if undo is not None:  # before unscale_: an out-of-memory in the clipping must undo the scaler's step too
+        undo.take()
     if scaler is not None:
         scaler.unscale_(optimizer)
+    if fault is not None:
+        maybe_inject(*fault[:3], at="clip")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if not finite(norm):
         if scaler is not None:
             scaler.update()  # the overflow recorded by unscale_ halves the scale
         optimizer.zero_grad(set_to_none=True)
+        if undo is not None:
+            undo.drop()
         return norm
-    if undo is not None:
-        undo.take()
     if scaler is not None:
         scaler.step(optimizer)
     else:
         optimizer.step()
     if fault is not None:
-        maybe_inject(*fault, at="optim")
+        maybe_inject(*fault[:3], at="optim")
     if scaler is not None:
         scaler.update()
     if scheduler is not None:
@@ -195,7 +215,7 @@ class NonFiniteGuard:
 
             raise UserError(
                 f"{self.stage}: {self.in_row} optimizer steps in a row skipped for a NaN/inf loss or gradient "
-                f"(last at step {step}): lower the learning rate ({self.lr_knob}), or train in bf16 or fp32 "
-                f"rather than fp16; the last checkpoint, if any, is kept for --resume "
-                f"(--max-nonfinite sets how many skips in a row stop the stage)")
+                f"(last at step {step}): start over (--overwrite) with a lower learning rate ({self.lr_knob}), "
+                f"or in bf16 or fp32 rather than fp16; the last checkpoint, if any, is kept for --resume, "
+                f"which may raise --max-nonfinite (how many skips in a row stop the stage)")
         return skipped

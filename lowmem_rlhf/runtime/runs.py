@@ -99,7 +99,8 @@ def stage_dir(run_dir: Path, stage: str, overwrite: bool = False, resume: bool =
 
 
 def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resume", "overwrite", "progress",
-                                                                           "save_every", "out")) -> None:
+                                                                           "save_every", "out", "max_nonfinite",
+                                                                           "max_vram")) -> None:
     """--resume must continue the same run: every setting except `volatile` equals the saved one
     (paths compared as the files they name, so `run/sft` and `./run/sft` are the same)."""
     from dataclasses import MISSING, asdict, fields
@@ -122,7 +123,7 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
         # a knob newer than the checkpoint: that run had its default
         was = saved[key] if key in saved else json.loads(json.dumps(defaults[key], default=_jsonable))
         if isinstance(value, dict) and isinstance(was, dict):  # the profile: only knobs this version has
-            was = {k: was.get(k) for k in value}
+            was = {k: was.get(k, v) for k, v in value.items()}  # a knob newer than the run: as now
         if not same(was, value):
             if isinstance(value, dict):  # name the field
                 key, was, value = next((f"{key}.{k}", was[k], v) for k, v in value.items() if was[k] != v)

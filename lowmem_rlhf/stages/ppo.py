@@ -29,10 +29,12 @@ from lowmem_rlhf.algo.experience import (
 from lowmem_rlhf.algo.ppo import minibatch_count, ppo_update
 from lowmem_rlhf.algo.rewards import CommandReward, FunctionReward, RewardError
 from lowmem_rlhf.algo.roles import Roles, attach_roles, base_fingerprint, build_roles
+from lowmem_rlhf.algo.sampling import row_seeds
 from lowmem_rlhf.config import PPOConfig, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
 from lowmem_rlhf.model.loading import load_model, logit_transform
+from lowmem_rlhf.plan.estimator import generation_rows
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import (
     default_warmup,
@@ -168,8 +170,10 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 device, separate_models=cfg.separate_models)
         B, R = cfg.rollout_batch, cfg.response_len
         mb = st.micro_batch(B, knob=f"--response-len (now {R}) or --prompt-len (now {cfg.prompt_len})")
-        # generation samples the whole rollout at once; on OOM (a long response's KV cache) in chunks
-        gen_mb = st.micro_batch(B, knob=f"--response-len (now {R})", key="ppo-generation", start=B)
+        # generation samples the profile's generation_batch rows at a time (the planner's; 0: all at
+        # once), halved on OOM (a long response's KV cache); the rollout is the same at any size
+        gen_mb = st.micro_batch(B, knob=f"--response-len (now {R})", key="ppo-generation",
+                                start=generation_rows(prof, B))
         sampler, order = D.EpochSampler(len(prompts), cfg.seed), torch.Generator().manual_seed(cfg.seed)
         parts = dict(models={r: (roles.engines[r].model, roles.engines[r].owns(r)) for r in ("actor", "critic")},
                      optimizers=optimizers, samplers={"prompts": sampler, "minibatch_order": order},
@@ -195,6 +199,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             k = cfg.samples_per_prompt
             pick = [i for i in sampler.draw(B // k) for _ in range(k)]  # each prompt k times, side by side
             torch.manual_seed(cfg.seed * 100_003 + it)
+            seeds = row_seeds(B)  # one stream per row: the rollout is the same in chunks of any size
             times: dict[str, float] = {}
 
             def phase(name: str):
@@ -203,7 +208,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             def sample(size: int) -> Rollout:
                 maybe_inject("ppo-generation", it + 1, size)
                 return generate_in_chunks(roles.engines["actor"], [prompt_ids[i] for i in pick], tok, R,
-                                          cfg.temperature, cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick])
+                                          cfg.temperature, cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick],
+                                          seeds=seeds)
 
             try:
                 exp = make_experience(roles, sample, cfg, kl_ctl.value, reward_fn, gen_mb, mb, it + 1, phase, moments,

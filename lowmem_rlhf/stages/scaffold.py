@@ -60,7 +60,7 @@ class Stage:
         self.parts: dict | None = None
         self.state: dict[str, Any] = {}
         self.resumed: Path | None = None
-        self.nonfinite = NonFiniteGuard(title, cfg.max_nonfinite, "--lr")
+        self.nonfinite: dict[str, NonFiniteGuard] = {}  # one per trained adapter (PPO: actor, critic)
 
     # ---- setup --------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
@@ -161,13 +161,18 @@ class Stage:
 
     def skipped(self, stats: dict[str, Any], step: int) -> bool:
         """Counts an optimizer step skipped for a NaN/inf loss or gradient (stats["skipped"]), and
-        stops the stage at cfg.max_nonfinite in a row (`NonFiniteGuard`). An fp16 overflow that
+        stops the stage at cfg.max_nonfinite in a row of one adapter (stats["role"]: PPO's actor and
+        critic are counted apart, so an actor that is NaN at every step stops the stage even while
+        the critic's steps apply) (`NonFiniteGuard`). An fp16 overflow that
         the loss scale corrects by halving (stats["overflow"]) is counted apart and never stops
         the stage. -> whether the step was skipped."""
         if stats.get("overflow"):
             self.state["overflow_skips"] = self.state.get("overflow_skips", 0) + 1
             return True
-        skipped = self.nonfinite.record(bool(stats.get("skipped")), step)
+        role = stats.get("role", "")
+        guard = self.nonfinite.setdefault(role, NonFiniteGuard(f"{self.title} {role}".strip(), self.cfg.max_nonfinite,
+                                                                "--critic-lr" if role == "critic" else "--lr"))
+        skipped = guard.record(bool(stats.get("skipped")), step)
         self.state["nonfinite_skips"] = self.state.get("nonfinite_skips", 0) + skipped
         return skipped
 
