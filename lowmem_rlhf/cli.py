@@ -136,6 +136,9 @@ def print_plan(p) -> None:
               + (f"; PPO samples {generation_rows(chosen.profile, s.rollout_batch)} rollout rows at a time"
                  if ppo else "") + ". "
               f"{chosen.reason}.")
+    for lv in chosen.levers:
+        saves = ", ".join(f"{v:.2f} GiB in {ph.replace('_', ' ')}" for ph, v in lv["saves_gib"].items())
+        console.print(f"lever on: {lv['lever']} ({lv['setting']}): saves {saves}")
     rejected = [c for c in p.candidates if not c.fits]
     if rejected:
         console.print("higher-ranked profiles rejected: " + "; ".join(

@@ -138,7 +138,7 @@ def test_four_role_ppo_fits_the_small_cards(gpu, model, gen):
 def test_the_simulation_of_the_8gb_plan_agrees_with_the_estimate():
     """The 4060-8gb 7B plan (micro-batch 2, generation batch 4) rehearsed on meta tensors through
     the stage's own make_experience and ppo_update: every phase within 10% of the analytic figure
-    (measured: +3.9% generation, +3.6% scoring, +2.2% actor, -0.4% critic), and the rehearsal's
+    (measured: +3.9% generation, +3.6% scoring, -0.4% actor, -0.4% critic), and the rehearsal's
     KV cache is one chunk's (4 of 8 rows)."""
     from lowmem_rlhf.measure.simulate import simulate
     from lowmem_rlhf.plan.estimator import kv_cache_bytes

@@ -19,6 +19,7 @@ from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import (
+    OptimizerParking,
     StepUndo,
     finite,
     optimizer_step,
@@ -101,14 +102,16 @@ def minibatch_count(minibatches: int, rows: int) -> int:
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
                phase: Phase = lambda name: contextlib.nullcontext(),
-               on_step: Callable[[dict], None] = lambda step_stats: None) -> dict[str, torch.Tensor]:
+               on_step: Callable[[dict], None] = lambda step_stats: None,
+               parking: OptimizerParking | None = None) -> dict[str, torch.Tensor]:
     """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
     minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
     exactly when the update repeats the rollout's forward (no dropout, same temperature).
-    on_step({"skipped", "overflow", "role"}) after each optimizer step: the stage counts skipped steps."""
+    on_step({"skipped", "overflow", "role"}) after each optimizer step: the stage counts skipped steps.
+    parking: only the updating role's optimizer state on the device (`OptimizerParking`)."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
@@ -117,7 +120,8 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
         perm = torch.randperm(B, generator=order).tolist()
         for j, chunk in enumerate([perm[i::n_mb] for i in range(n_mb)]):
             for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
-                with phase(f"{role}_update"), roles.role(role) as eng:
+                with phase(f"{role}_update"), roles.role(role) as eng, \
+                        (parking.active(role) if parking else contextlib.nullcontext()):
                     st, step_stats = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
                                                  mb, iteration, loss_of, cfg)
                 on_step(step_stats)

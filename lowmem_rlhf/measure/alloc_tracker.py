@@ -78,6 +78,7 @@ class AllocTracker(TorchDispatchMode):
         self._entries: dict[int, list] = {}  # storage _cdata -> [nbytes, tag]
         self._tag = "other"
         self.auto_tags: set[str] = set()
+        self.device_type: str | None = None  # count only storages on this device type (None: every one)
         self._in_step = False
         self._phase: PhasePeak | None = None
         self.ops = 0
@@ -242,7 +243,7 @@ class AllocTracker(TorchDispatchMode):
         self.ops += 1
         inputs = None
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and (self.device_type is None or t.device.type == self.device_type):
                 key = t.untyped_storage()._cdata
                 if key not in self._entries:
                     if inputs is None:  # views and in-place ops return an input's storage: not new

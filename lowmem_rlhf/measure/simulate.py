@@ -288,6 +288,7 @@ class _Rehearsal:
         self.engine = SharedBase(loaded, profile)
         self.device = loaded.device
         self.hooks = []
+        self.park: bool | None = None  # PPO's optimizer parking (None: as the stage would here)
 
     # setup ------------------------------------------------------------------------------------
     def add_roles(self, roles: list[tuple[str, bool]]) -> None:
@@ -388,6 +389,7 @@ class _Rehearsal:
         from lowmem_rlhf.model.adapters import disable_dropout
         from lowmem_rlhf.plan.estimator import generation_rows
         from lowmem_rlhf.runtime.oom import MicroBatch
+        from lowmem_rlhf.runtime.optim import OptimizerParking, parks
 
         if not (self.profile.is_lora and self.profile.shared_base):
             raise UserError("--simulate models PPO on one shared base with LoRA adapters "
@@ -395,6 +397,10 @@ class _Rehearsal:
         self.add_roles([("reward", True), ("critic", True), ("actor", False)])
         disable_dropout(self.engine.model)  # as algo.roles.build_roles: the RL stage has no dropout
         optimizers = {"actor": self.optimizer("actor"), "critic": self.optimizer("critic")}
+        parking = OptimizerParking(optimizers, parks(self.profile.optimizer, self.device) if self.park is None
+                                   else self.park)
+        parking.around_moves = lambda: self.tr.tag("optimizer")
+        parking.park_all()  # as the stage: no optimizer state on the device outside its update
         B, P, R = shape.rollout_batch, shape.prompt_len, shape.response_len
         cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
         roles = Roles({r: self.engine for r in ("actor", "critic", "reward", "reference")})
@@ -418,7 +424,8 @@ class _Rehearsal:
 
         self.engine.model.train()
         exp = make_experience(roles, sample, cfg, cfg.kl_coef, None, gen_mb, mb, 1, self.phase)
-        ppo_update(roles, exp, cfg, optimizers, {}, mb, 1, torch.Generator().manual_seed(0), self.phase)
+        ppo_update(roles, exp, cfg, optimizers, {}, mb, 1, torch.Generator().manual_seed(0), self.phase,
+                   parking=parking)
         return kv[0]
 
     def generation(self, prompts: torch.Tensor, R: int) -> tuple[int, torch.Tensor]:
@@ -453,11 +460,16 @@ class _Rehearsal:
 
 
 def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: str = "cuda",
-             cuda_like: bool = True, cuda_transients: bool = True) -> tuple[dict[str, PhasePeak], AllocTracker, int]:
+             cuda_like: bool = True, cuda_transients: bool = True,
+             park: bool | None = None) -> tuple[dict[str, PhasePeak], AllocTracker, int]:
     """Run one step of `stage` on `loaded` (meta or real tensors) under the tracker. `cuda_like`
     patches dropout/SDPA as CUDA runs them; `cuda_transients` adds CUDA kernels' hidden transients
-    (bitsandbytes' dequantized weight), which a CPU allocator never sees."""
+    (bitsandbytes' dequantized weight), which a CPU allocator never sees. park: PPO parks the idle
+    role's optimizer state as on CUDA (default: as the stage would on this device, `parks`); False
+    keeps it resident, as a CPU run does."""
     tracker = AllocTracker(transient_rules=[bnb_dequant_rule] if cuda_like and cuda_transients else [])
+    if loaded.device.type == "meta":  # the device's memory only: host buffers (parked optimizer state) are not
+        tracker.device_type = "meta"
     ctx = cuda_semantics(attention_op) if cuda_like else contextlib.nullcontext()
     kv = 0
     with ctx, warnings.catch_warnings():
@@ -465,6 +477,7 @@ def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: s
         with tracker, tracker.auto_tagging(*PHASE_TAGS.values()):
             tracker.register_module(loaded.model, _param_tag)
             reh = _Rehearsal(loaded, profile.for_rl() if stage == "ppo" else profile, tracker)
+            reh.park = park
             if stage == "sft":
                 reh.sft(shape)
             elif stage == "rm":

@@ -23,6 +23,7 @@ from lowmem_rlhf.plan.estimator import (
     Estimate,
     estimate,
     generation_rows,
+    parks_idle_state,
 )
 from lowmem_rlhf.plan.hardware import Hardware
 from lowmem_rlhf.plan.model_spec import ModelSpec
@@ -38,6 +39,7 @@ class Candidate:
     reason: str  # why it fits or does not
     short_bytes: int = 0  # how much the worst stage misses by (0 when it fits)
     grad_accum: int = 1  # micro-batches per optimizer step for the shape's effective batch (the stages derive it too)
+    levers: list[dict[str, Any]] = field(default_factory=list)  # memory levers on, and what each saves (`levers`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class Candidate:
             "short_gib": self.short_bytes / GIB,
             "micro_batch": self.profile.micro_batch,
             "grad_accum": self.grad_accum,
+            "levers": list(self.levers),
             "stages": {s: e.to_dict() for s, e in self.estimates.items()},
         }
 
@@ -192,12 +195,41 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                 if note:
                     cand.reason += f"; {note}"
                 break
+        if best.fits:
+            best.levers = levers(spec, best, shape, hw)
         if not best.fits:
             best.reason += ", even at micro-batch 1" + (" and generation batch 1" if _generation_bound(best, hw) else "")
         result.candidates.append(best)
         if best.fits:
             break
     return result
+
+
+def levers(spec: ModelSpec, c: Candidate, shape: Shape, hw: Hardware) -> list[dict[str, Any]]:
+    """The PPO memory levers the candidate runs with, and what each saves in its phases (GiB):
+    the generation batch (against sampling the whole rollout at once) and the idle role's
+    optimizer state parked in host RAM (against both optimizers' state resident)."""
+    e = c.estimates.get("ppo")
+    if e is None:
+        return []
+    out = []
+    phases = {p.name: p for p in e.phases}
+    B, g = shape.rollout_batch, generation_rows(c.profile, shape.rollout_batch)
+    if g < B:
+        full = {p.name: p for p in estimate(spec, replace(c.profile, generation_batch=0), "ppo", shape,
+                                            target=hw.device).phases}
+        saved = full["generation"].device - phases["generation"].device if hw.device == "cuda" else \
+            full["generation"].cpu_ram - phases["generation"].cpu_ram
+        out.append({"lever": "generation batch", "setting": f"{g} of {B} rollout rows sampled at once",
+                    "saves_gib": {"generation": saved / GIB}})
+    if c.profile.is_lora and parks_idle_state(c.profile.optimizer, hw.device):
+        gen_host, upd = phases["generation"].host, phases["actor_update"].components["optimizer"]
+        out.append({"lever": "idle optimizer state in host RAM",
+                    "setting": f"{c.profile.optimizer} state on the device only in its role's update",
+                    "saves_gib": {"generation": gen_host / GIB, "scoring": gen_host / GIB,
+                                  "actor_update": (gen_host - upd) / GIB,
+                                  "critic_update": upd / GIB}})
+    return out
 
 
 def runnable_profiles(profiles: list[Profile]) -> list[Profile]:

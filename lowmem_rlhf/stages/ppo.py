@@ -37,9 +37,11 @@ from lowmem_rlhf.model.loading import load_model, logit_transform
 from lowmem_rlhf.plan.estimator import generation_rows
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import (
+    OptimizerParking,
     default_warmup,
     make_optimizer,
     make_scaler,
+    parks,
     warmup_cosine,
 )
 from lowmem_rlhf.runtime.runs import finished_adapter
@@ -164,6 +166,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             cfg.separate_models, cfg.seed)
         base_before = base_fingerprint(roles.engines["actor"])
         optimizers, schedulers = make_optimizers(roles, cfg, device)
+        parking = OptimizerParking(optimizers, parks(prof.optimizer, device))  # idle roles' state in host RAM
         kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                   else M.FixedKLController(cfg.kl_coef))
         st.plan(Shape(prompt_len=cfg.prompt_len, response_len=cfg.response_len, rollout_batch=cfg.rollout_batch),
@@ -185,6 +188,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                            "reward_moments": None if moments is None else moments.state_dict()}, parts,
                           cfg.iterations)
         mb.size, gen_mb.size, kl_ctl.value = state["micro_batch"], state["generation_batch"], state["kl_coef"]
+        parking.park_all()  # a restored optimizer state is loaded onto the device
         if moments is not None and state.get("reward_moments"):
             moments = M.RunningMoments(**state["reward_moments"])
         if st.resumed is None and held and eval_fn:
@@ -221,7 +225,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 st.say(f"PPO iteration {it + 1} skipped: {e}")
                 continue
             stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase,
-                               on_step=lambda step_stats: st.skipped(step_stats, it + 1))
+                               on_step=lambda step_stats: st.skipped(step_stats, it + 1), parking=parking)
             kl_ctl.update(exp.seq_kl, B)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device)
