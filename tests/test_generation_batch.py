@@ -98,6 +98,13 @@ def test_ppo_with_a_generation_batch_samples_the_same_rollouts(byte_llama, tmp_p
     assert [r["generation_batch"] for r in chunked] == [2, 2] and [r["generation_batch"] for r in whole] == [8, 8]
     assert [r["reward_mean"] for r in chunked] == [r["reward_mean"] for r in whole]
     assert [r["response_length"] for r in chunked] == [r["response_length"] for r in whole]
+    from safetensors.torch import (
+        load_file,  # the same rollouts train the same adapters, bit for bit
+    )
+
+    for role in ("actor", "critic"):
+        a, b = (load_file(str(tmp_path / n / "ppo" / role / "adapter_model.safetensors")) for n in ("chunked", "whole"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
 
 
 def test_the_estimator_charges_one_chunk_of_kv_cache():

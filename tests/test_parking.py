@@ -93,13 +93,13 @@ def test_parked_optimizer_state_gives_the_same_update(byte_llama, tmp_path, opti
     assert parking.parked_bytes("actor") >= state * 0.9  # everything but AdamW's step counters
 
 
-def test_the_estimator_and_the_simulation_charge_parked_state_to_its_own_update():
+def test_the_estimator_and_the_simulation_charge_parked_state_to_its_own_update(tiny_llama):
     """lora-bf16-shared (torch AdamW, not paged) on CUDA: no optimizer state in generation and
     scoring, the actor's in the actor update and the critic's in the critic update, the rest in
     host RAM; the paged 8-bit profile keeps it paged. The meta-device rehearsal agrees per phase."""
     from lowmem_rlhf.measure.simulate import simulate
 
-    spec = load_spec("gpt2")
+    spec = load_spec(str(tiny_llama))
     shape = Shape(prompt_len=64, response_len=16, rollout_batch=4)
     prof = replace(load_profile("lora-bf16-shared"), micro_batch=2)
     assert parks(prof.optimizer, "cuda") and not parks("paged_adamw_8bit", "cuda") and not parks("adamw", "cpu")
@@ -111,9 +111,34 @@ def test_the_estimator_and_the_simulation_charge_parked_state_to_its_own_update(
     assert est["generation"].host == actor + est["critic_update"].components["optimizer"]
     cpu = {p.name: p for p in estimate(spec, prof, "ppo", shape, target="cpu").phases}
     assert cpu["generation"].components["optimizer"] > 0  # on the CPU the host is the device
-    sim = simulate("gpt2", prof, "ppo", shape)
+    sim = simulate(str(tiny_llama), prof, "ppo", shape)
     tags = {p.name: p.by_tag for p in sim.phases}
     assert tags["generation"].get("optimizer", 0) == tags["scoring"].get("optimizer", 0) == 0
     assert tags["actor_update"]["optimizer"] == pytest.approx(actor, rel=0.01)
     for ph in sim.phases:
         assert abs(ph.drift) <= 0.10, (ph.name, ph.drift)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device <-> pinned host move")
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_parking_on_cuda_holds_the_state_in_pinned_host_memory(optimizer):
+    """On a GPU: parked, the state is in pinned host memory and none of it on the device; three
+    steps with the state parked between them equal three steps with it resident, bit for bit."""
+    def steps(park: bool):
+        torch.manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(512, 64, device="cuda")) for _ in range(3)]
+        opt = make_optimizer(ws, optimizer, lr=1e-2, device="cuda")
+        parking = OptimizerParking({"a": opt}, enabled=park)
+        for i in range(3):
+            torch.manual_seed(i)
+            with parking.active("a"):
+                for w in ws:
+                    w.grad = torch.randn_like(w)
+                opt.step()
+            if park:
+                moved = [v for s in opt.state.values() for v in s.values()
+                         if isinstance(v, torch.Tensor) and v.numel() > 1]
+                assert moved and all(v.device.type == "cpu" and v.is_pinned() for v in moved)
+        return [w.detach().clone() for w in ws]
+
+    assert all(torch.equal(a, b) for a, b in zip(steps(False), steps(True)))

@@ -75,11 +75,19 @@ def test_response_mask_stops_after_first_eos():
 
 @pytest.mark.parametrize("profile", ["qlora-shared", "lora-bf16-shared"])
 def test_programmatic_reward_rises_and_base_is_untouched(byte_llama, tmp_path, profile):
-    s = run_ppo(_cfg(byte_llama, tmp_path, profile, reward=f"{REWARDS}:ascii_share", iterations=12, lr=3e-3))
+    """The trained policy's reward over the last 3 of 8 iterations beats, by 0.2, that of a control
+    run at learning rate 0 with the same prompts and the same per-row random streams (common
+    random numbers: the difference is the learning, not the draws). Measured (4-bit, seeds 0-2):
+    trained 0.94, 0.77, 0.94; control 0.49, 0.56, 0.51. (The test compared the first 3 iterations
+    with the last 3 before; iterations 2-3 already learn, and a faster start at seed 0 with the
+    per-row sampler left 0.80 -> 0.82: a window, not a regression; the old sampler gave +0.25 to
+    +0.27 there.)"""
+    s = run_ppo(_cfg(byte_llama, tmp_path, profile, reward=f"{REWARDS}:ascii_share", iterations=8, lr=3e-3))
     r = _rewards(tmp_path)
-    assert len(r) == 12
-    # 2-token responses; seen over seeds 0-2 (4-bit): first-3 means 0.59-0.72, last-3 means 1.0
-    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.2, r
+    run_ppo(_cfg(byte_llama, tmp_path / "control", profile, reward=f"{REWARDS}:ascii_share", iterations=8, lr=0.0))
+    control = _rewards(tmp_path / "control")
+    assert len(r) == len(control) == 8 and r[0] == control[0]  # the same first rollout: the same draws
+    assert sum(r[-3:]) / 3 > sum(control[-3:]) / 3 + 0.2, (r, control)
     assert s["base_sha256_before"] == s["base_sha256_after"]
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     for key in ("kl", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_length",

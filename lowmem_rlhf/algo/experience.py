@@ -113,7 +113,7 @@ def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int,
     batch = collate_left(prompt_ids, tok.pad_token_id)
     device = engine.loaded.device
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    kwargs: dict = dict(do_sample=False)  # greedy search; sampling is the row sampler's argmax
+    kwargs: dict = dict(do_sample=False, num_beams=1)  # greedy search; sampling is the row sampler's argmax
     if not greedy:
         seeds = row_seeds(len(prompt_ids)) if seeds is None else seeds
         kwargs["logits_processor"] = LogitsProcessorList([RowGumbelSampler(seeds, temperature, top_p, device)])

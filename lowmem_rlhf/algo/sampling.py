@@ -48,8 +48,10 @@ class RowGumbelSampler(LogitsProcessor):
         if scores.shape[0] != len(self.gens):
             raise ValueError(f"{scores.shape[0]} rows, {len(self.gens)} seeds")
         z = self.warp(input_ids, scores.float())
-        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=z.device) for g in self.gens])
-        return z - torch.log(-torch.log(u.clamp_(min=TINY)))
+        g = torch.empty_like(z)  # one (B, V) fp32 buffer: row b from its own stream, then -log(-log(u)) in place
+        for row, gen in zip(g, self.gens):
+            row.uniform_(generator=gen)
+        return z - g.clamp_(min=TINY).log_().neg_().log_()
 
 
 __all__ = ["RowGumbelSampler", "row_seeds"]

@@ -515,7 +515,9 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     gen = dict(static)
     gen["kv_cache"] = kv_cache_bytes(spec, profile, G, S)
     gen["transient"] = max(layer_forward_transient(spec, profile, G * P), 0) + G * P * spec.hidden_size * p
-    gen["logits"] = G * spec.vocab_size * (p + 4 + 4)
+    # last-token logits (16-bit, their fp32 copy, the warped fp32 scores) and the row sampler's fp32
+    # noise buffer (algo/sampling.py; its output replaces the warped scores)
+    gen["logits"] = G * spec.vocab_size * (p + 4 + 4 + 4)
     gen["dequant"] = dequant_transient_bytes(spec, profile)  # prefill: many tokens per 4-bit matmul
     parked = opt if park else 0
     phases.append(Phase("generation", gen, paged=paged, target=target, host=parked))

@@ -190,8 +190,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                 elif mb < prof.micro_batch:
                     cand.reason = f"fits at micro-batch {mb} x {cand.grad_accum} accumulation"
                 if "ppo" in stages and g < shape.rollout_batch:
-                    cand.reason += (f"{'' if cand.reason == 'fits' else ','} sampling {g} of {shape.rollout_batch} "
-                                    "rollout rows at a time")
+                    cand.reason += f", sampling {g} of {shape.rollout_batch} rollout rows at a time"
                 if note:
                     cand.reason += f"; {note}"
                 break

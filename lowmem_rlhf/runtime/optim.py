@@ -159,7 +159,7 @@ def _to_host(v: torch.Tensor) -> torch.Tensor:
     if v.is_meta:  # the simulation: no data to copy, and a host buffer it does not count
         return torch.empty(v.shape, dtype=v.dtype, device="cpu")
     out = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
-    return out.copy_(v, non_blocking=v.is_cuda)
+    return out.copy_(v, non_blocking=v.is_cuda)  # park() synchronizes before anything reads it
 
 
 def _to_home(v: torch.Tensor, home: torch.device) -> torch.Tensor:
@@ -187,13 +187,16 @@ class OptimizerParking:
         """Every state tensor of optimizer `name` that lives with its parameter goes to host RAM."""
         if not self.enabled:
             return
-        homes = self.homes[name]
+        homes, cuda = self.homes[name], False
         for p, st in self.optimizers[name].state.items():
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and (id(p), k) not in homes and v.device == p.device:
-                    homes[(id(p), k)] = v.device
                     st[k] = _to_host(v)
+                    homes[(id(p), k)] = v.device
                     self.moved_bytes += v.numel() * v.element_size()
+                    cuda = cuda or v.is_cuda
+        if cuda:  # the host copies are complete before a checkpoint (or anything else) reads them
+            torch.cuda.current_stream().synchronize()
 
     def unpark(self, name: str) -> None:
         if not self.enabled:
@@ -202,10 +205,10 @@ class OptimizerParking:
         with self.around_moves():
             for p, st in self.optimizers[name].state.items():
                 for k, v in st.items():
-                    if (id(p), k) in homes:
-                        st[k] = _to_home(v, homes.pop((id(p), k)))
+                    if (id(p), k) in homes:  # copied first, forgotten after: an OOM here leaves it parked
+                        st[k] = _to_home(v, homes[(id(p), k)])
+                        del homes[(id(p), k)]
                         self.moved_bytes += v.numel() * v.element_size()
-        homes.clear()
 
     def park_all(self) -> None:
         for name in self.optimizers:
@@ -220,8 +223,8 @@ class OptimizerParking:
     def active(self, name: str):
         """Optimizer `name`'s state on the device inside, parked again after (also on an error:
         the out-of-memory retry happens inside)."""
-        self.unpark(name)
         try:
+            self.unpark(name)
             yield
         finally:
             self.park(name)

@@ -10,6 +10,7 @@ complete, so a killed or failed stage never leaves a folder that looks finished.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -98,6 +99,12 @@ def stage_dir(run_dir: Path, stage: str, overwrite: bool = False, resume: bool =
     fsync(run_dir, strict=False)
 
 
+# profile knobs a resumed run may change: the generation batch is re-planned from the memory free
+# now, and it changes no result (each rollout row samples from its own stream; PPO restores the
+# size it was running at from the checkpoint)
+PROFILE_VOLATILE = ("generation_batch",)
+
+
 def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resume", "overwrite", "progress",
                                                                            "save_every", "out", "max_nonfinite",
                                                                            "max_vram")) -> None:
@@ -123,7 +130,10 @@ def check_resume_config(out: Path, cfg: Any, volatile: tuple[str, ...] = ("resum
         # a knob newer than the checkpoint: that run had its default
         was = saved[key] if key in saved else json.loads(json.dumps(defaults[key], default=_jsonable))
         if isinstance(value, dict) and isinstance(was, dict):  # the profile: only knobs this version has
-            was = {k: was.get(k, v) for k, v in value.items()}  # a knob newer than the run: as now
+            knob_defaults = {f.name: f.default for f in fields(type(cfg.profile)) if f.default is not MISSING} \
+                if dataclasses.is_dataclass(getattr(cfg, "profile", None)) else {}
+            # a knob newer than the run: that run had its default; PROFILE_VOLATILE may change
+            was = {k: (v if k in PROFILE_VOLATILE else was.get(k, knob_defaults.get(k, v))) for k, v in value.items()}
         if not same(was, value):
             if isinstance(value, dict):  # name the field
                 key, was, value = next((f"{key}.{k}", was[k], v) for k, v in value.items() if was[k] != v)
