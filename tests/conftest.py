@@ -29,6 +29,15 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def byte_llama(tmp_path_factory):
+    """The tiny Llama with the byte tokenizer's vocabulary (260): every sampled id decodes to text.
+    test_ppo, test_ppo_exact and test_resume override it with larger initial weights."""
+    cfg = tiny_llama_config()
+    cfg.vocab_size = 260
+    return save_random(cfg, tmp_path_factory.mktemp("byte-llama"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     return save_random(tiny_gpt2_config(), tmp_path_factory.mktemp("tiny-gpt2"))
 

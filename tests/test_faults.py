@@ -27,15 +27,6 @@ SEED_TASKS = str(bundled_path("self-instruct-seed-tasks.jsonl"))
 PROMPTS = str(bundled_path("demo-prompts.jsonl"))
 
 
-@pytest.fixture(scope="module")
-def byte_llama(tmp_path_factory):
-    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
-
-    cfg = tiny_llama_config()
-    cfg.vocab_size = 260
-    return save_random(cfg, tmp_path_factory.mktemp("byte-llama"))
-
-
 def _sft(model, out, **kw):
     """qlora-shared without dropout: a retried micro-batch must see the same forward."""
     prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, lora_dropout=0.0)

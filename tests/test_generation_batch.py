@@ -26,15 +26,6 @@ ASSETS = Path(__file__).parent / "assets"
 PROMPTS = str(bundled_path("demo-prompts.jsonl"))
 
 
-@pytest.fixture(scope="module")
-def byte_llama(tmp_path_factory):
-    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
-
-    cfg = tiny_llama_config()
-    cfg.vocab_size = 260
-    return save_random(cfg, tmp_path_factory.mktemp("byte-llama-gen"))
-
-
 def test_chunked_generation_equals_one_batch_with_the_same_seeds(byte_llama):
     """The shipped 4-bit profile, 8 prompts of different lengths: sampled 8, 3 and 1 at a time
     with the same row seeds, the responses are the same tokens; other seeds give others."""

@@ -22,15 +22,6 @@ from lowmem_rlhf.runtime.oom import MicroBatch
 from lowmem_rlhf.runtime.optim import OptimizerParking, make_optimizer, parks
 
 
-@pytest.fixture(scope="module")
-def byte_llama(tmp_path_factory):
-    from lowmem_rlhf.model.random_models import save_random, tiny_llama_config
-
-    cfg = tiny_llama_config()
-    cfg.vocab_size = 260
-    return save_random(cfg, tmp_path_factory.mktemp("byte-llama-park"))
-
-
 def _experience(eng: SharedBase, B=8, P=6, R=5) -> Experience:
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(3, 259, (B, P + R), generator=g)
