@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from lowmem_rlhf import __version__
-from lowmem_rlhf.config import GIB, AutoConfig, PPOConfig, RMConfig, SFTConfig
+from lowmem_rlhf.config import (
+    GIB,
+    RL_STAGES,
+    AutoConfig,
+    GRPOConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+)
 from lowmem_rlhf.errors import UserError
 
 app = typer.Typer(
@@ -87,11 +95,27 @@ def _profiles(names: Optional[str]):
     return load_all_profiles()
 
 
-def _stages(text: str) -> tuple[str, ...]:
+def _stages(text: str, algo: str = "ppo") -> tuple[str, ...]:
+    """--stages, with --algo's RL stage in place of `ppo` (sft,rm,ppo --algo grpo -> sft,rm,grpo)."""
+    _algo(algo)
     stages = tuple(s.strip().lower() for s in text.split(",") if s.strip())
     if not stages:
-        raise UserError("--stages: give at least one of sft, rm, ppo")
-    return stages
+        raise UserError("--stages: give at least one of sft, rm, ppo (ppo: the RL stage --algo names)")
+    return tuple(algo if s == "ppo" else s for s in stages)
+
+
+def _algo(algo: str) -> str:
+    if algo not in RL_STAGES:
+        raise UserError(f"--algo must be {', '.join(RL_STAGES)}, got {algo!r}")
+    return algo
+
+
+ALGO_HELP = "RL algorithm: ppo (actor + critic), grpo or rloo (critic-free, groups of responses per prompt)"
+
+
+def _rollout(rollout_batch: Optional[int], algo: str) -> int:
+    """--rollout-batch's default: 8 responses for PPO, 8 prompts x 4 for GRPO/RLOO."""
+    return rollout_batch if rollout_batch is not None else (8 if algo == "ppo" else 32)
 
 
 def print_plan(p) -> None:
@@ -103,12 +127,14 @@ def print_plan(p) -> None:
     s = p.shape
     console.print(f"[bold]Plan[/bold] for {p.spec.name} ({param_count_str(p.spec.total_params)} params) on "
               f"{p.hardware.describe()}")
+    rl = next((st for st in p.stages if st in RL_STAGES), None)
     console.print(f"budget: {_gib(budget)} GiB of {what}; SFT/RM seq {s.seq_len}, batch {s.batch}; "
-              f"PPO prompt {s.prompt_len} + response {s.response_len}, rollout batch {s.rollout_batch}")
+              f"{(rl or 'ppo').upper()} prompt {s.prompt_len} + response {s.response_len}, rollout batch "
+              f"{s.rollout_batch}")
     fig = "device" if p.target == "cuda" else "cpu_ram"
     t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
     t.add_column("profile")
-    ppo = "ppo" in p.stages
+    ppo = rl is not None
     t.add_column("micro x accum, ckpt" + (", gen" if ppo else ""))
     for st in p.stages:
         t.add_column(st.upper(), justify="right")
@@ -133,7 +159,7 @@ def print_plan(p) -> None:
         return
     console.print(f"[bold green]chosen: {chosen.profile.name}[/bold green] ({chosen.profile.description}); "
               f"micro-batch {chosen.profile.micro_batch} x {chosen.grad_accum} accumulation"
-              + (f"; PPO samples {generation_rows(chosen.profile, s.rollout_batch)} rollout rows at a time"
+              + (f"; {rl.upper()} samples {generation_rows(chosen.profile, s.rollout_batch)} rollout rows at a time"
                  if ppo else "") + ". "
               f"{chosen.reason}.")
     for lv in chosen.levers:
@@ -172,14 +198,15 @@ def print_breakdown(estimates: dict, target: str) -> None:
 
 
 def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-              stages, profiles, as_json, trust_remote_code: bool = False, max_vram=None):
+              stages, profiles, as_json, trust_remote_code: bool = False, max_vram=None, algo: str = "ppo"):
     from lowmem_rlhf.plan.model_spec import load_spec
     from lowmem_rlhf.plan.planner import no_fit, plan
 
+    stages = _stages(stages, algo)
     shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
     hw = _hardware(gpu, vram, ram, max_vram)
     spec = load_spec(model, trust_remote_code)
-    p = plan(spec, hw, shape, _profiles(profiles), _stages(stages))
+    p = plan(spec, hw, shape, _profiles(profiles), stages)
     if as_json:
         print(json.dumps(p.to_dict(), indent=2))
     else:
@@ -201,29 +228,34 @@ def plan(
     batch: int = typer.Option(16, "--batch", help="effective batch (sequences per optimizer step)"),
     prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length in tokens"),
     response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens per prompt"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch",
-                                      help="PPO responses per rollout (prompts x samples per prompt)"),
-    stages: str = typer.Option("sft,rm,ppo", "--stages", help="stages that must fit, comma-separated"),
+    rollout_batch: Optional[int] = typer.Option(None, "--rollout-batch", help="RL responses per rollout (prompts x "
+                                                "responses per prompt; default: 8 for PPO, 8 x 4 = 32 for GRPO/RLOO)"),
+    algo: str = typer.Option("ppo", "--algo", help=ALGO_HELP),
+    stages: str = typer.Option("sft,rm,ppo", "--stages", help="stages that must fit, comma-separated (ppo stands "
+                               "for the RL stage --algo names)"),
     profiles: Optional[str] = typer.Option(None, "--profiles", help="only these profiles (names or YAML paths, comma-separated)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     simulate: bool = typer.Option(False, "--simulate", help="also rehearse one step of each stage of the chosen profile on meta tensors and print simulated vs analytic peaks"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a local model folder's own Python code (to read its shapes on the meta device)"),
 ):
-    """Which profile makes SFT, RM and PPO fit this card, and each stage's estimated peak."""
+    """Which profile makes SFT, RM and the RL stage (PPO, or GRPO/RLOO with --algo) fit this card,
+    and each stage's estimated peak."""
+    rollout_batch = _rollout(rollout_batch, _algo(algo))
     if simulate and as_json:  # one JSON document: the plan's own print is replaced by the combined one
         import contextlib
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
             p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                          stages, profiles, True, trust_remote_code, max_vram)
+                          stages, profiles, True, trust_remote_code, max_vram, algo)
     else:
         p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                      stages, profiles, as_json, trust_remote_code, max_vram)
+                      stages, profiles, as_json, trust_remote_code, max_vram, algo)
     if simulate:
         from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
-        sims = [run_simulation(model, p.chosen.profile, st, p.shape) for st in p.stages]
+        sims = [run_simulation(model, p.chosen.profile, st, p.shape, reward_model="rm" in p.stages)
+                for st in p.stages]
         if as_json:
             d = p.to_dict()
             d["simulation"] = {s.stage: s.to_dict() for s in sims}
@@ -263,7 +295,7 @@ def print_simulation(sims: list) -> None:
 @app.command()
 def estimate(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    stage: str = typer.Option("sft", "--stage", help="sft, rm or ppo"),
+    stage: str = typer.Option("sft", "--stage", help="sft, rm, ppo, grpo or rloo"),
     profile: str = typer.Option("qlora-shared", "--profile", help="profile whose knobs the flags below override"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none, nf4, fp4 or int8"),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="NF4/FP4 double quantization"),
@@ -280,9 +312,13 @@ def estimate(
     kbit_upcast: Optional[bool] = typer.Option(None, "--kbit-upcast/--no-kbit-upcast", help="peft k-bit prep's fp32 cast of non-quantized params"),
     prompt_len: int = typer.Option(256, "--prompt-len", help="PPO prompt length"),
     response_len: int = typer.Option(256, "--response-len", help="PPO generated tokens"),
-    rollout_batch: int = typer.Option(8, "--rollout-batch",
-                                      help="PPO responses per rollout (prompts x samples per prompt)"),
+    rollout_batch: Optional[int] = typer.Option(None, "--rollout-batch", help="RL responses per rollout (prompts x "
+                                                "responses per prompt; default: 8 for PPO, 8 x 4 = 32 for GRPO/RLOO)"),
     separate_models: bool = typer.Option(False, "--separate-models", help="PPO with four model copies instead of one shared base"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="GRPO/RLOO: KL weight; 0 runs no reference forward "
+                                         "(default: grpo's --beta)"),
+    reward_model: bool = typer.Option(True, "--rm/--no-rm", help="GRPO/RLOO: a reward model's adapter + head scores "
+                                      "the rollout (--no-rm: programs only)"),
     target: str = typer.Option("cuda", "--target", help="cuda (GPU figures) or cpu (host RAM)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (allocated_gib, reserved_gib, device_gib, cpu_ram_gib, components, phases)"),
     simulate: bool = typer.Option(False, "--simulate", help="rehearse one real step on meta tensors (no weights allocated) and print simulated vs analytic per phase"),
@@ -295,6 +331,7 @@ def estimate(
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"--target must be cuda or cpu, got {target!r}")
+    rollout_batch = _rollout(rollout_batch, "grpo" if stage in ("grpo", "rloo") else "ppo")
     base = load_profile(profile).to_dict()
     overrides = {"quant": quant, "double_quant": double_quant, "dtype": dtype, "lora_r": lora_r,
                  "lora_dropout": lora_dropout, "micro_batch": micro_batch, "grad_ckpt": grad_ckpt,
@@ -316,13 +353,16 @@ def estimate(
         raise UserError(msg.replace("flags: ", "", 1)) from None
     shape = _shape(seq_len, 16, prompt_len, response_len, rollout_batch)
     spec = load_spec(model)
-    est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models)
+    if beta is not None and beta < 0:
+        raise UserError(f"--beta must be 0 or more, got {beta}")
+    est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models,
+                       reward_model=reward_model, beta=beta)
     if simulate:
         from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
         if target != "cuda" or separate_models:
             raise UserError("--simulate rehearses the CUDA layout of one shared base; drop --target cpu / --separate-models")
-        sim = run_simulation(model, prof, stage, shape)
+        sim = run_simulation(model, prof, stage, shape, reward_model=reward_model, beta=beta)
         if as_json:
             d = sim.to_dict()
             d["profile_settings"] = prof.to_dict()
@@ -339,7 +379,7 @@ def estimate(
               f"{'+dq' if prof.double_quant and prof.quant in ('nf4', 'fp4') else ''} dtype={prof.dtype} "
               f"lora_r={prof.lora_r} ckpt={prof.grad_ckpt} optimizer={prof.optimizer} offload={prof.offload} "
               f"micro-batch={prof.micro_batch}"
-              + (f" generation-batch={generation_rows(prof, rollout_batch)}" if stage == "ppo" else ""))
+              + (f" generation-batch={generation_rows(prof, rollout_batch)}" if stage in RL_STAGES else ""))
     t = Table(title=f"{stage.upper()} by phase (GiB)")
     t.add_column("component")
     for ph in est.phases:
@@ -383,9 +423,11 @@ def auto(
     samples_per_prompt: Optional[int] = option(AutoConfig, "samples_per_prompt"),
     sft_steps: int = option(AutoConfig, "sft_steps"),
     rm_steps: int = option(AutoConfig, "rm_steps"),
-    ppo_iterations: int = option(AutoConfig, "ppo_iterations"),
+    algo: str = option(AutoConfig, "algo"),
+    ppo_iterations: Optional[int] = option(AutoConfig, "ppo_iterations"),
     ppo_epochs: int = option(AutoConfig, "ppo_epochs"),
     ppo_lr: Optional[float] = option(AutoConfig, "ppo_lr"),
+    beta: Optional[float] = option(AutoConfig, "beta"),
     kl_coef: float = option(AutoConfig, "kl_coef"),
     kl_target: Optional[float] = option(AutoConfig, "kl_target"),
     kl_horizon: Optional[int] = option(AutoConfig, "kl_horizon"),
@@ -401,7 +443,7 @@ def auto(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the auto run in this folder with its saved settings: finished stages are kept, the stage in progress continues from its newest checkpoint"),
 ):
     """Detect (or take) the hardware, plan for the shapes it will run, and run SFT -> RM -> PPO
-    with the chosen profile."""
+    (or GRPO/RLOO with --algo; the RM only where it is a reward) with the chosen profile."""
     import time as _time
 
     from lowmem_rlhf.config import load_all_profiles
@@ -414,17 +456,22 @@ def auto(
         console.print(f"resuming {resume} with its saved settings (profile {cfg.profile.name})")
         _print_auto_summary(run_auto(cfg, None, console, resume=True), resume)
         return
-    _positive(sft_steps=sft_steps, rm_steps=rm_steps, ppo_iterations=ppo_iterations, ppo_epochs=ppo_epochs,
+    if ppo_iterations is not None:
+        _positive(ppo_iterations=ppo_iterations)
+    _positive(sft_steps=sft_steps, rm_steps=rm_steps, ppo_epochs=ppo_epochs,
               sft_batch=sft_batch, rm_batch=rm_batch)
+    _algo(algo)
     cfg = _config(AutoConfig, locals(), None).resolve()
     s = cfg.shape()
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
+    rm_runs = not (cfg.reward or cfg.reward_cmd) or bool(cfg.train_rm)
+    stages = "sft,rm,ppo" if rm_runs else "sft,ppo"
     p = _run_plan(gpu, vram, ram, model or "smollm2-135m", s.seq_len, s.batch, s.prompt_len, s.response_len,
-                  s.rollout_batch, "sft,rm,ppo", profiles, as_json, trust_remote_code, max_vram)
+                  s.rollout_batch, stages, profiles, as_json, trust_remote_code, max_vram, algo)
     if dry_run:
         if not as_json:
-            console.print(f"dry run: would run SFT -> RM -> PPO of {p.spec.name} with profile "
-                          f"{p.chosen.profile.name}; nothing was loaded.")
+            console.print(f"dry run: would run {' -> '.join(st.upper() for st in p.stages)} of {p.spec.name} with "
+                          f"profile {p.chosen.profile.name}; nothing was loaded.")
         return
     if gpu and p.hardware.gpu is not None and p.hardware.gpu.source != "detected":
         import torch
@@ -445,17 +492,21 @@ def _print_auto_summary(summary: dict, run: Path) -> None:
     if summary["rm"]:
         t.add_row("RM held-out accuracy (before -> after)", f"{fmt(summary['rm']['heldout_accuracy_before'])} -> {fmt(summary['rm']['heldout_accuracy'])}")
     n = summary.get("heldout_n")
+    rl = summary.get("algo", "ppo").upper()
     for key, what in (("correct", "exactly the answer"), ("lenient", "the answer anywhere")):
         if summary.get(f"heldout_{key}_sft") is not None:
-            t.add_row(f"held-out {what} (SFT -> PPO)",
+            t.add_row(f"held-out {what} (SFT -> {rl})",
                       f"{summary[f'heldout_{key}_sft']}/{n} -> {summary[f'heldout_{key}_ppo']}/{n}")
-    t.add_row("held-out checker score (SFT -> PPO policy)",
+    t.add_row(f"held-out checker score (SFT -> {rl} policy)",
               f"{fmt(summary['heldout_checker_sft'])} -> {fmt(summary['heldout_checker_ppo'])}")
-    t.add_row("PPO reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
-    t.add_row("PPO KL to the reference, nats per response (last 5)", fmt(summary.get("ppo_kl_last5")))
+    t.add_row(f"{rl} reward (first 5 -> last 5 iterations)", f"{fmt(summary['ppo_reward_first5'])} -> {fmt(summary['ppo_reward_last5'])}")
+    t.add_row(f"{rl} KL to the reference, nats per response (last 5)", fmt(summary.get("ppo_kl_last5")))
+    if summary.get("seconds_rl") is not None:
+        t.add_row(f"{rl} stage time", f"{summary['seconds_rl'] / 60:.1f} min")
     t.add_row("wall time", f"{summary['wall_seconds'] / 60:.1f} min")
     console.print(t)
-    console.print(f"plot: {summary['plot']}")  # below the table: a long path would squeeze its labels
+    if summary.get("plot"):
+        console.print(f"plot: {summary['plot']}")  # below the table: a long path would squeeze its labels
 
 
 @app.command()
@@ -467,7 +518,7 @@ def ppo(
     reward_model: Optional[Path] = option(PPOConfig, "reward_model"),
     reward: Optional[str] = option(PPOConfig, "reward"),
     reward_cmd: Optional[str] = option(PPOConfig, "reward_cmd"),
-    reward_weight: float = option(PPOConfig, "reward_weight"),
+    reward_weights: Optional[str] = option(PPOConfig, "reward_weights"),
     reward_timeout: float = option(PPOConfig, "reward_timeout"),
     profile: Optional[str] = option(PPOConfig, "profile"),
     iterations: int = option(PPOConfig, "iterations"),
@@ -511,13 +562,84 @@ def ppo(
     _not_negative(save_every=save_every)
     _positive(max_nonfinite=max_nonfinite)
     _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
+    from lowmem_rlhf.algo.rewards import parse_weights
+
+    weights = parse_weights(reward_weights)
     prof = _stage_profile(profile, model, "ppo", _shape(512, 16, prompt_len, response_len, rollout_batch), gpu, trust_remote_code, max_vram)
     if generation_batch is not None:
         _not_negative(generation_batch=generation_batch)
         prof = dataclasses.replace(prof, generation_batch=generation_batch)
     console.print(f"PPO with profile {prof.name} (micro-batch {prof.micro_batch}, generation batch "
                   f"{generation_rows(prof, rollout_batch)}) -> {out}/ppo")
-    _print_summary(run_ppo(_config(PPOConfig, locals(), prof), console=console), "PPO summary")
+    _print_summary(run_ppo(_config(PPOConfig, {**locals(), "reward_weights": weights}, prof), console=console),
+                   "PPO summary")
+
+
+@app.command()
+def grpo(
+    prompts: str = option(GRPOConfig, "prompts", "-p", required=True),
+    out: Path = option(GRPOConfig, "out", "-o", required=True),
+    algo: str = option(GRPOConfig, "algo"),
+    model: Optional[str] = option(GRPOConfig, "model", "-m"),
+    sft: Optional[Path] = option(GRPOConfig, "sft"),
+    reward_model: Optional[Path] = option(GRPOConfig, "reward_model"),
+    reward: Optional[str] = option(GRPOConfig, "reward"),
+    reward_cmd: Optional[str] = option(GRPOConfig, "reward_cmd"),
+    reward_weights: Optional[str] = option(GRPOConfig, "reward_weights"),
+    reward_timeout: float = option(GRPOConfig, "reward_timeout"),
+    profile: Optional[str] = option(GRPOConfig, "profile"),
+    iterations: int = option(GRPOConfig, "iterations"),
+    rollout_batch: int = option(GRPOConfig, "rollout_batch"),
+    group_size: int = option(GRPOConfig, "group_size"),
+    std_norm: bool = option(GRPOConfig, "std_norm"),
+    beta: float = option(GRPOConfig, "beta"),
+    loss_agg: str = option(GRPOConfig, "loss_agg"),
+    prompt_len: int = option(GRPOConfig, "prompt_len"),
+    response_len: int = option(GRPOConfig, "response_len"),
+    epochs: int = option(GRPOConfig, "epochs"),
+    minibatches: int = option(GRPOConfig, "minibatches"),
+    lr: Optional[float] = option(GRPOConfig, "lr"),
+    lr_schedule: str = option(GRPOConfig, "lr_schedule"),
+    clip: float = option(GRPOConfig, "clip"),
+    temperature: float = option(GRPOConfig, "temperature"),
+    top_p: float = option(GRPOConfig, "top_p"),
+    missing_eos_penalty: Optional[float] = option(GRPOConfig, "missing_eos_penalty"),
+    eval_prompts: Optional[str] = option(GRPOConfig, "eval_prompts"),
+    eval_reward: Optional[str] = option(GRPOConfig, "eval_reward"),
+    seed: int = option(GRPOConfig, "seed"),
+    overwrite: bool = option(GRPOConfig, "overwrite"),
+    resume: bool = option(GRPOConfig, "resume"),
+    save_every: int = option(GRPOConfig, "save_every"),
+    max_nonfinite: int = option(GRPOConfig, "max_nonfinite"),
+    max_vram: Optional[float] = option(GRPOConfig, "max_vram"),
+    generation_batch: Optional[int] = typer.Option(None, "--generation-batch", help="rollout rows sampled at once "
+                                                   "(default: the planner's, or the profile's; 0: the whole rollout)"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
+    trust_remote_code: bool = option(GRPOConfig, "trust_remote_code"),
+):
+    """GRPO or RLOO (--algo rloo) on one shared base: the actor adapter learns from groups of
+    responses to each prompt; no critic; the reference is the base with adapters off (skipped with --beta 0)."""
+    from lowmem_rlhf.algo.rewards import parse_weights
+    from lowmem_rlhf.plan.estimator import generation_rows
+    from lowmem_rlhf.stages.grpo import check_grpo, run_grpo
+
+    _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
+              response_len=response_len, epochs=epochs, minibatches=minibatches)
+    _not_negative(save_every=save_every)
+    _positive(max_nonfinite=max_nonfinite)
+    _choice(algo=algo, loss_agg=loss_agg, lr_schedule=lr_schedule, cls=GRPOConfig)
+    weights = parse_weights(reward_weights)
+    cfg = _config(GRPOConfig, {**locals(), "reward_weights": weights}, None)
+    check_grpo(cfg)  # group size, beta: before the planner or a model is read
+    prof = _stage_profile(profile, model, algo, _shape(512, 16, prompt_len, response_len, rollout_batch), gpu,
+                          trust_remote_code, max_vram)
+    if generation_batch is not None:
+        _not_negative(generation_batch=generation_batch)
+        prof = dataclasses.replace(prof, generation_batch=generation_batch)
+    console.print(f"{algo.upper()} with profile {prof.name} (micro-batch {prof.micro_batch}, generation batch "
+                  f"{generation_rows(prof, rollout_batch)}, {rollout_batch // group_size} prompts x {group_size}) "
+                  f"-> {out}/{algo}")
+    _print_summary(run_grpo(dataclasses.replace(cfg, profile=prof), console=console), f"{algo.upper()} summary")
 
 
 @app.command()
@@ -624,8 +746,8 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
                             "use qlora-shared, lora-bf16-shared or zero3-offload")
         from lowmem_rlhf.plan.estimator import ZERO3_PPO_REASON
 
-        if prof.offload == "zero3" and stage == "ppo":
-            raise UserError(f"profile {prof.name}: {ZERO3_PPO_REASON}; use qlora-shared for PPO")
+        if prof.offload == "zero3" and stage in RL_STAGES:
+            raise UserError(f"profile {prof.name}: {ZERO3_PPO_REASON}; use qlora-shared for {stage.upper()}")
         if prof.offload == "zero3" and (missing := deepspeed_missing()):
             raise UserError(f"profile {prof.name}: {missing}")
         return prof

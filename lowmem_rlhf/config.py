@@ -25,8 +25,10 @@ Quant = Literal["none", "nf4", "fp4", "int8"]
 DType = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"]
 Offload = Literal["none", "zero3"]
-Stage = Literal["sft", "rm", "ppo"]
-STAGES: tuple[str, ...] = ("sft", "rm", "ppo")
+Stage = Literal["sft", "rm", "ppo", "grpo", "rloo"]
+STAGES: tuple[str, ...] = ("sft", "rm", "ppo", "grpo", "rloo")
+RL_STAGES: tuple[str, ...] = ("ppo", "grpo", "rloo")  # the RL stage a plan or `auto --algo` runs
+CRITIC_FREE: tuple[str, ...] = ("grpo", "rloo")  # RL without a critic: one trained adapter
 GIB = 1024**3  # the unit of every memory figure the project prints
 
 # The shipped profiles live inside the package (package-data `profiles/*.yaml`), so this one path
@@ -244,9 +246,9 @@ def profile_to_yaml(profile: Profile, header: str = "") -> str:
 
 
 __all__ = [
-    "Profile", "Shape", "STAGES", "GIB", "load_profile", "load_all_profiles", "list_profiles",
+    "Profile", "Shape", "STAGES", "RL_STAGES", "CRITIC_FREE", "GIB", "load_profile", "load_all_profiles", "list_profiles",
     "dataclass_from_dict", "profile_to_yaml", "PROFILES_DIR", "deepspeed_missing", "ZERO3_INSTALL",
-    "knob", "StageConfig", "SFTConfig", "RMConfig", "PPOConfig", "AutoConfig", "DEMO_CHECKER",
+    "knob", "StageConfig", "SFTConfig", "RMConfig", "RLConfig", "PPOConfig", "GRPOConfig", "AutoConfig", "DEMO_CHECKER",
 ]
 
 
@@ -304,45 +306,71 @@ class RMConfig(StageConfig):
 
 
 @dataclass
-class PPOConfig(StageConfig):
+class RLConfig(StageConfig):
+    """What PPO and GRPO/RLOO share: prompts, the policy's start, the rewards, rollout and update sizes."""
+
     prompts: str = knob("", "prompts file: prompt / instruction / messages / hh-rlhf rows")
     sft: Path | None = knob(None, "finished SFT stage (RUN/sft): merged into the base = the reference")
-    reward_model: Path | None = knob(None, "finished RM stage (RUN/rm): the reward, and the critic's start")
+    reward_model: Path | None = knob(None, "finished RM stage (RUN/rm): a learned reward (PPO: also the critic's start)")
     reward: str | None = knob(None, "programmatic reward: module:function or file.py:function")
     reward_cmd: str | None = knob(None, "evaluator command: JSON lines in, one score per line out")
     reward_timeout: float = knob(60.0, "seconds the evaluator command may take per batch")
-    reward_weight: float = knob(1.0, "weight of the program's score when it is added to the reward model's")
-    iterations: int = knob(20, "PPO iterations (rollout + update)")
-    rollout_batch: int = knob(8, "responses per rollout (prompts x --samples-per-prompt)")
-    samples_per_prompt: int = knob(1, "responses sampled per prompt in a rollout; must divide --rollout-batch. "
-                                      "More than 1 contrasts right and wrong answers to the same prompt")
+    reward_weights: list[float] | None = knob(None, "weights of the rewards given, in the order --reward-model, "
+                                                    "--reward, --reward-cmd, comma-separated (default: 1 each); "
+                                                    "the score is their weighted sum, each logged apart")
+    iterations: int = knob(20, "iterations (rollout + update)")
+    rollout_batch: int = knob(8, "responses per rollout (prompts x responses per prompt)")
     prompt_len: int = knob(128, "prompt tokens (cut from the left)")
     response_len: int = knob(32, "generated tokens")
-    ppo_epochs: int = knob(4, "passes over each rollout")
     minibatches: int = knob(1, "optimizer steps per epoch; each accumulates micro-batches")
     lr: float | None = knob(None, "actor learning rate (default: the profile's)")
+    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run's "
+                                                      "optimizer steps: constant, or warmup + cosine")
+    clip: float = knob(0.2, "policy ratio clip range")
+    temperature: float = knob(1.0, "sampling temperature")
+    top_p: float = knob(1.0, "nucleus sampling threshold")
+    missing_eos_penalty: float | None = knob(None, "subtract this from the score of a response cut at "
+                                                   "--response-len before any EOS (default: off)")
+    eval_prompts: str | None = knob(None, "held-out prompts scored before and after (greedy)")
+    eval_reward: str | None = knob(None, "module:function scoring the held-out answers "
+                                         "(default: the training reward when it is a function)")
+    save_every: int = knob(2, "iterations between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    samples_per_prompt: int = knob(1, "responses sampled per prompt in a rollout; must divide --rollout-batch. "
+                                      "More than 1 contrasts right and wrong answers to the same prompt")
+    ppo_epochs: int = knob(4, "passes over each rollout")
     critic_lr: float | None = knob(None, "critic learning rate (default: the profile's)")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "actor/critic learning-rate schedule over the "
-                                                      "run's optimizer steps: constant, or warmup + cosine")
     kl_coef: float = knob(0.05, "KL penalty coefficient (the initial one, if adaptive)")
     kl_estimator: Literal["k1", "k3"] = knob("k1", "per-token KL estimator: k1 or k3")
     kl_target: float | None = knob(None, "adaptive KL: target per-sequence KL")
     kl_horizon: int = knob(10000, "adaptive KL controller horizon (samples)")
     gamma: float = knob(1.0, "GAE discount")
     lam: float = knob(0.95, "GAE lambda")
-    clip: float = knob(0.2, "policy ratio clip range")
     vf_clip: float = knob(0.2, "value clip range")
-    temperature: float = knob(1.0, "sampling temperature")
-    top_p: float = knob(1.0, "nucleus sampling threshold")
     whiten_advantages: bool = knob(True, "normalise advantages over the rollout")
-    missing_eos_penalty: float | None = knob(None, "subtract this from the score of a response cut at "
-                                                   "--response-len before any EOS (default: off)")
     reward_norm: bool = knob(False, "normalise scores by their running mean and std over the run")
     separate_models: bool = knob(False, "the 4-model layout (benchmark comparison), not the design")
-    eval_prompts: str | None = knob(None, "held-out prompts scored before and after (greedy)")
-    eval_reward: str | None = knob(None, "module:function scoring the held-out answers "
-                                         "(default: the training reward when it is a function)")
-    save_every: int = knob(2, "iterations between checkpoints (0: only when stopped by Ctrl-C/SIGTERM)")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Critic-free RL: the advantage of a response is its reward against the other responses to the
+    same prompt (its group); no critic, no value head."""
+
+    algo: Literal["grpo", "rloo"] = knob("grpo", "advantage: grpo (group mean, and std unless --no-std-norm) or "
+                                                 "rloo (mean of the other responses to the prompt)")
+    group_size: int = knob(4, "responses sampled per prompt (at least 2); must divide --rollout-batch")
+    rollout_batch: int = knob(32, "responses per rollout: prompts x --group-size (8 x 4; `plan --algo grpo` "
+                                  "plans the same)")
+    std_norm: bool = knob(True, "GRPO: divide by the group's reward std (--no-std-norm: Dr. GRPO)",
+                          flag="--std-norm/--no-std-norm")
+    beta: float = knob(0.04, "weight of the k3 KL-to-reference loss term; 0 skips the reference forward")
+    loss_agg: Literal["token", "sequence"] = knob("token", "loss average: over every response token of the "
+                                                           "minibatch (token), or per response, then over responses")
+    epochs: int = knob(1, "passes over each rollout (1 with --minibatches 1: exactly on-policy)")
 
 
 DEMO_CHECKER = "lowmem_rlhf.algo.demo_task:checker"
@@ -371,9 +399,13 @@ class AutoConfig:
     sft_batch: int = knob(4, "SFT examples per optimizer step")
     rm_steps: int = knob(30, "RM optimizer steps")
     rm_batch: int = knob(8, "RM pairs per optimizer step")
-    ppo_iterations: int = knob(20, "PPO iterations")
-    ppo_epochs: int = knob(2, "PPO passes over each rollout")
-    ppo_lr: float | None = knob(None, "PPO actor learning rate (default: 2e-4 for the demo, else the profile's)")
+    algo: Literal["ppo", "grpo", "rloo"] = knob("ppo", "RL stage: ppo (actor + critic), or grpo / rloo (critic-free: "
+                                                       "each response against the others to its prompt)")
+    ppo_iterations: int | None = knob(None, "RL iterations (default: 20 for PPO, 40 for GRPO/RLOO, whose iterations "
+                                            "cost about half: no critic)")
+    ppo_epochs: int = knob(2, "PPO passes over each rollout (GRPO/RLOO: one, exactly on-policy)")
+    ppo_lr: float | None = knob(None, "RL actor learning rate (default: 2e-4 for the demo, else the profile's)")
+    beta: float | None = knob(None, "GRPO/RLOO: weight of the KL-to-reference loss term (default: grpo's --beta)")
     kl_coef: float = knob(0.05, "PPO KL penalty coefficient (the initial one: the KL is adaptive by default)")
     kl_target: float | None = knob(None, "adaptive KL: per-sequence KL the coefficient steers to (default: 3 for "
                                          "the demo, 6 for a named model; 0: a fixed coefficient)")
@@ -389,8 +421,8 @@ class AutoConfig:
     prompt_len: int | None = knob(None, "PPO prompt length (default: 64 for the demo, 256 for a named model)")
     response_len: int | None = knob(None, "PPO generated tokens (default: 16 for the demo, 256 for a named model)")
     rollout_batch: int = knob(8, "PPO responses per rollout (prompts x --samples-per-prompt)")
-    samples_per_prompt: int | None = knob(None, "PPO responses sampled per prompt in a rollout (default: 4 "
-                                                "for the demo, 1 for a named model)")
+    samples_per_prompt: int | None = knob(None, "responses sampled per prompt in a rollout; GRPO/RLOO's group size "
+                                                "(default: 4 for the demo and for GRPO/RLOO, 1 for PPO on a named model)")
     seed: int = knob(0, "seed of every stage")
     max_vram: float | None = knob(None, "GPU memory cap in GiB: the planner plans for it and every stage may "
                                         "allocate no more (rehearse a 24 GiB card on a bigger one)")
@@ -400,6 +432,8 @@ class AutoConfig:
     def resolve(self) -> "AutoConfig":
         """This config with the None shape fields filled: the demo's values or a named model's."""
         fill = dict(DEMO_SHAPE if self.model is None else NAMED_SHAPE)
+        if self.algo in CRITIC_FREE:
+            fill.update(DEMO_GROUP if self.model is None else NAMED_GROUP)
         if self.model is not None or self.reward_cmd is not None:
             fill.pop("reward", None)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
@@ -420,7 +454,13 @@ class AutoConfig:
 # is lost on the way: README, "The embedded demo").
 DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4, "kl_target": 3.0,
               "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
-              "missing_eos_penalty": 1.0, "samples_per_prompt": 4}
+              "missing_eos_penalty": 1.0, "samples_per_prompt": 4, "ppo_iterations": 20}
 NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000,
-               "train_rm": False, "reward_weight": 1.0, "samples_per_prompt": 1}
+               "train_rm": False, "reward_weight": 1.0, "samples_per_prompt": 1, "ppo_iterations": 20}
+# GRPO/RLOO in `auto`: the group baseline is the checker's own contrast between the answers to one
+# question, so the demo needs no reward model. Measured on the demo (seed 0, 40 iterations, held-out
+# strict / lenient from 0 / 40): 8 answers at lr 5e-4 -> 0 / 51; 4 answers at lr 1e-3 -> 0 / 35
+# (KL 12); 4 answers at lr 2e-4 and 20 iterations -> 0 / 48 (README, "GRPO and RLOO").
+DEMO_GROUP = {"train_rm": False, "samples_per_prompt": 8, "ppo_lr": 5e-4, "ppo_iterations": 40}
+NAMED_GROUP = {"samples_per_prompt": 4, "ppo_iterations": 40}
 

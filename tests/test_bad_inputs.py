@@ -88,6 +88,9 @@ RM = ["rm", "--model", "{llama}", "--data", HH, "--profile", "qlora-shared", "--
       "--batch", "2", "--max-pairs", "20"]
 PPO = ["ppo", "--model", "{llama}", "--prompts", PROMPTS, "--profile", "qlora-shared", "--iterations", "2",
        "--rollout-batch", "2", "--prompt-len", "32", "--response-len", "2", "--ppo-epochs", "1"]
+GRPO = ["grpo", "--model", "{llama}", "--prompts", PROMPTS, "--profile", "qlora-shared", "--iterations", "2",
+        "--rollout-batch", "4", "--group-size", "2", "--prompt-len", "32", "--response-len", "2",
+        "--reward", "{rewards}:ascii_share"]
 
 
 def _with(cmd: list[str], **changes: str) -> list[str]:
@@ -111,8 +114,19 @@ TABLE = {
     "flag-zero-max-vram": (_with(SFT, max_vram="0"), "sft", ["--max-vram must be a positive number of GiB, got 0"]),
     "flag-kl-estimator": (_with(PPO, reward="{rewards}:ascii_share", kl_estimator="k9"), "ppo",
                           ["--kl-estimator must be k1 or k3"]),
-    "flag-two-rewards": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}"), "ppo",
-                         ["--reward and --reward-cmd are both given", "pass one program", "--reward-model"]),
+    "flag-reward-weights-count": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}",
+                                        reward_weights="1,2,3"), "ppo",
+                                  ["--reward-weights gives 3 weight(s) for 2 reward(s) (--reward, --reward-cmd)",
+                                   "--reward-weights 1,1"]),
+    "flag-reward-weights-text": (_with(GRPO, reward_weights="1,x"), "grpo", ["--reward-weights '1,x'",
+                                                                            "comma-separated numbers"]),
+    "flag-group-size-one": (_with(GRPO, group_size="1"), "grpo",
+                            ["--group-size must be at least 2, got 1", "a group of 1 has nothing to compare"]),
+    "flag-group-size-divides": (_with(GRPO, group_size="3"), "grpo",
+                                ["--group-size 3 must divide --rollout-batch 4", "use --rollout-batch 3"]),
+    "flag-negative-beta": (_with(GRPO, beta="-0.1"), "grpo", ["--beta must be 0 or more", "got -0.1"]),
+    "flag-algo": (_with(GRPO, algo="ppo"), "grpo", ["--algo must be grpo or rloo, got 'ppo'"]),
+    "flag-plan-algo": (["plan", "--algo", "dpo"], None, ["--algo must be ppo, grpo, rloo, got 'dpo'"]),
     "flag-samples-per-prompt": (_with(PPO, reward="{rewards}:ascii_share", samples_per_prompt="3"), "ppo",
                                 ["--samples-per-prompt 3 must divide --rollout-batch 2", "use --rollout-batch 3"]),
     # the demo's 4 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM

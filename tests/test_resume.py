@@ -52,6 +52,10 @@ def _args(stage: str, model: Path, run: Path) -> list[str]:
     if stage == "rm":
         return ["rm", "--data", HH, "--max-steps", "24", "--batch", "4", "--max-len", "64", "--max-pairs", "60",
                 *common]
+    if stage == "grpo":  # hybrid: a function and an evaluator process, weighted
+        return ["grpo", "--prompts", PROMPTS, "--reward", f"{REWARDS}:ascii_share", "--reward-cmd",
+                f"{sys.executable} {REWARDS} inverse", "--reward-weights", "1,0.5", "--iterations", "6",
+                "--rollout-batch", "4", "--group-size", "2", "--prompt-len", "32", "--response-len", "4", *common]
     return ["ppo", "--prompts", PROMPTS, "--reward", f"{REWARDS}:ascii_share", "--iterations", "10",
             "--rollout-batch", "4", "--prompt-len", "32", "--response-len", "4", "--ppo-epochs", "2", *common]
 
@@ -100,16 +104,16 @@ def _metrics(run: Path, stage: str) -> list[dict]:
 def reference(byte_llama, tmp_path_factory):
     """Uninterrupted runs of each stage, started at once and run side by side."""
     root = tmp_path_factory.mktemp("reference")
-    procs = {s: _cli(_args(s, byte_llama, root / s)) for s in ("sft", "rm", "ppo")}
+    procs = {s: _cli(_args(s, byte_llama, root / s)) for s in ("sft", "rm", "ppo", "grpo")}
     for s, p in procs.items():
         code, log = _finish(p)
         assert code == 0, log[-3000:]
     return {s: root / s for s in procs}
 
 
-@pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "ppo", "grpo"])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(byte_llama, tmp_path, reference, stage):
-    total = 24 if stage == "sft" else 10
+    total = {"sft": 24, "ppo": 10, "grpo": 6}[stage]
     k = random.randint(2, total // 2)
     run = tmp_path / "run"
     p = _cli(_args(stage, byte_llama, run))

@@ -35,7 +35,7 @@ def test_optimizer_step_clips_steps_schedules_and_zeroes():
 
 def test_simulation_runs_the_stages_own_step_functions(tiny_llama, monkeypatch):
     """Each rehearsed stage calls the functions the stage calls (no copies in simulate.py)."""
-    from lowmem_rlhf.algo import experience, pairwise, ppo, supervised
+    from lowmem_rlhf.algo import experience, grpo, pairwise, ppo, supervised
     from lowmem_rlhf.measure.simulate import build_meta_model, rehearse
     from lowmem_rlhf.runtime import optim
 
@@ -51,14 +51,16 @@ def test_simulation_runs_the_stages_own_step_functions(tiny_llama, monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
 
     for module, name in [(supervised, "completion_loss"), (pairwise, "pair_scores"), (pairwise, "pair_loss"),
-                         (experience, "make_experience"), (ppo, "ppo_update"), (optim, "optimizer_step")]:
+                         (experience, "make_experience"), (ppo, "ppo_update"), (optim, "optimizer_step"),
+                         (grpo, "make_group_experience"), (grpo, "group_update")]:
         spy(module, name)
     monkeypatch.setattr(ppo, "optimizer_step", optim.optimizer_step)  # ppo imported the name itself
     prof = Profile(quant="none", dtype="bf16", lora_r=8, grad_ckpt=False, optimizer="adamw", micro_batch=2)
     small = Shape(seq_len=32, prompt_len=16, response_len=4, rollout_batch=2)
     for stage, expected in [("sft", {"completion_loss", "optimizer_step"}),
                             ("rm", {"pair_scores", "pair_loss", "optimizer_step"}),
-                            ("ppo", {"make_experience", "ppo_update", "optimizer_step"})]:
+                            ("ppo", {"make_experience", "ppo_update", "optimizer_step"}),
+                            ("grpo", {"make_group_experience", "group_update", "optimizer_step"})]:
         calls.clear()
         phases, _, _ = rehearse(build_meta_model(str(tiny_llama), prof), prof, stage, small, attention_op="cpu")
         assert expected <= set(calls), (stage, calls)

@@ -1,9 +1,11 @@
 """PPO's experience: sample a rollout with the actor, score it with every role, shape the rewards.
 
     make_experience(...) -> Experience
-      generation  the actor samples B responses of R tokens (left-padded prompts, KV cache)
-      scoring     reward (reward adapter + head, or a program), reference log-probs (adapters off),
-                  old log-probs + entropy (actor), values (critic); one micro-batch at a time
+      sample_and_score(...)   (PPO and GRPO/RLOO share it)
+        generation  the actor samples B responses of R tokens (left-padded prompts, KV cache)
+        scoring     rewards (reward adapter + head, programs; weighted sum), reference log-probs
+                    (adapters off), old log-probs + entropy (actor), values (critic); one
+                    micro-batch at a time
       then        per-token KL penalty, shaped rewards, GAE advantages and returns, whitening
 
 The stage (`stages/ppo.py`) and the meta-device simulation (`measure/simulate.py`) both call it;
@@ -24,6 +26,7 @@ from transformers import LogitsProcessorList
 
 from lowmem_rlhf.algo import ppo_math as M
 from lowmem_rlhf.algo.pairwise import last_token_scores
+from lowmem_rlhf.algo.rewards import RewardSet
 from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.algo.sampling import RowGumbelSampler, row_seeds
 from lowmem_rlhf.config import PPOConfig
@@ -64,6 +67,7 @@ class Experience(Rollout):
     rewards: torch.Tensor | None = None  # (B, R) shaped: -kl_coef * kl, + score at the last token
     advantages: torch.Tensor | None = None  # (B, R) GAE (whitened if asked)
     returns: torch.Tensor | None = None  # (B, R) advantages + values
+    components: dict[str, torch.Tensor] | None = None  # (B,) each reward's own score (`algo.rewards.RewardSet`)
 
     @property
     def prompt_len(self) -> int:
@@ -74,6 +78,8 @@ class Experience(Rollout):
         """Mean per-sequence KL to the reference (sum over tokens, mean over rows); read once (a
         host sync), then kept: the KL controller and the metrics row both use it."""
         m = self.response_mask
+        if self.kl is None:  # no reference forward (GRPO with --beta 0): the KL was not measured
+            return float("nan")
         return float(M.masked_mean(self.kl, m) * m.sum() / len(m))
 
 
@@ -188,37 +194,45 @@ def entropy_of(engine: SharedBase, h: torch.Tensor, temperature: float = 1.0) ->
 
 
 def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_reward: bool,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+                  temperature: float = 1.0, critic: bool = True, reference: bool = True,
+                  stage: str = "ppo") -> tuple:
     """Every role's forward over the rollout, `size` rows at a time (eval mode, no grad; the RL
     stage has no dropout, so these are the forwards the update repeats with gradients).
     Log-probs and entropy are those of the distribution sampled at `temperature`.
-    -> scores (B,) (zeros when the reward is a program), ref_lp, old_lp, values, entropy (B, R)."""
+    critic / reference False: that role's forward is not run (GRPO: no critic; --beta 0: no reference).
+    stage: the RL stage's name in the fault-injection switch.
+    -> scores (B,) (zeros without a reward model), ref_lp, old_lp, values, entropy (B, R); ref_lp
+    and values None where their role did not run."""
     B, R = ro.response.shape
     P = ro.seqs.shape[1] - R
     device = ro.seqs.device
     scores = torch.zeros(B, device=device)
-    ref_lp, old_lp, values, entropy = (torch.zeros(B, R, device=device) for _ in range(4))
+    old_lp, entropy = torch.zeros(B, R, device=device), torch.zeros(B, R, device=device)
+    ref_lp = torch.zeros(B, R, device=device) if reference else None
+    values = torch.zeros(B, R, device=device) if critic else None
     for s in range(0, B, size):
-        maybe_inject("ppo", iteration, size)
+        maybe_inject(stage, iteration, size)
         sl = slice(s, s + size)
         seqs, am = ro.rows(sl)
         if learned_reward:
             with roles.role("reward") as eng:
                 scores[sl] = last_token_scores(eng, seqs, am)
-        with roles.role("reference") as eng:
-            ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl], temperature)
+        if reference:
+            with roles.role("reference") as eng:
+                ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl], temperature)
         with roles.role("actor") as eng:
             h = response_hidden(eng, seqs, am, P)
             old_lp[sl] = logprobs_of(eng, h, ro.response[sl], temperature)
             entropy[sl] = entropy_of(eng, h, temperature)
-        with roles.role("critic") as eng:
-            values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
+        if critic:
+            with roles.role("critic") as eng:
+                values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
     return scores, ref_lp, old_lp, values, entropy
 
 
-def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg: PPOConfig,
+def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg,
                   moments: M.RunningMoments | None) -> torch.Tensor:
-    """The scores PPO optimises: minus cfg.missing_eos_penalty where a response was cut before
+    """The scores RL optimises: minus cfg.missing_eos_penalty where a response was cut before
     any EOS (ended False), then normalised by the run's running moments when --reward-norm. (B,)."""
     if cfg.missing_eos_penalty and ended is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).to(scores.dtype)
@@ -227,20 +241,26 @@ def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg: PPOConf
     return scores
 
 
-def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConfig, kl_coef: float,
-                    reward_fn: Callable[[list[str], list[str]], list[float]] | None, gen_mb: MicroBatch,
-                    mb: MicroBatch, iteration: int, phase: Phase = lambda name: contextlib.nullcontext(),
-                    moments: M.RunningMoments | None = None, learned_reward: bool | None = None) -> Experience:
-    """One rollout, sampled and scored: generation -> scoring -> KL, shaped rewards, GAE.
+@dataclass
+class Scored:
+    """A rollout with every forward of the scoring phase: what PPO and GRPO both start from."""
 
-    sample(size) -> Rollout samples the batch `size` prompts at a time, with the actor active;
-    gen_mb/mb halve those sizes on out-of-memory. reward_fn(prompts, texts) scores the texts (a
-    program) or None; learned_reward: the reward adapter + head scores too (default: when there is
-    no program); with both, score = RM + cfg.reward_weight * program. kl_coef: this iteration's
-    KL coefficient.
-    moments: the running score moments (--reward-norm), updated here; None: raw scores.
-    A failing reward_fn raises `RewardError` (the stage skips the iteration)."""
-    learned = reward_fn is None if learned_reward is None else learned_reward
+    rollout: Rollout
+    scores: torch.Tensor  # (B,) the weighted sum of the reward components
+    components: dict[str, torch.Tensor]  # (B,) each reward as it gave its score, by its flag's name
+    ref_lp: torch.Tensor | None  # (B, R); None: the reference did not run
+    old_lp: torch.Tensor  # (B, R)
+    values: torch.Tensor | None  # (B, R); None: no critic
+    entropy: torch.Tensor  # (B, R)
+
+
+def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, rewards: RewardSet, gen_mb: MicroBatch,
+                     mb: MicroBatch, iteration: int, phase: Phase = lambda name: contextlib.nullcontext(),
+                     critic: bool = True, reference: bool = True) -> Scored:
+    """generation, then scoring: sample(size) -> Rollout samples the batch `size` prompts at a time
+    with the actor active; gen_mb/mb halve those sizes on out-of-memory. The programs of `rewards`
+    score the texts, the reward adapter + head the tokens (when rewards.learned); the score is their
+    weighted sum. A failing program raises `RewardError` (the stage skips the iteration)."""
     with phase("generation"), roles.role("actor"):
         ro = gen_mb.run(iteration, sample, lambda: None)
     gc.collect()
@@ -249,27 +269,41 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
     try:
         with phase("scoring"), torch.no_grad():
             roles.train(False)
-            program = (torch.tensor(reward_fn(ro.prompts, ro.texts), device=ro.seqs.device, dtype=torch.float32)
-                       if reward_fn is not None else None)
-            scores, ref_lp, old_lp, values, entropy = mb.run(
-                iteration, lambda size: score_rollout(roles, ro, size, iteration, learned, cfg.temperature),
+            parts = {name: torch.tensor(fn(ro.prompts, ro.texts), device=ro.seqs.device, dtype=torch.float32)
+                     for name, fn in rewards.programs.items()}
+            learned, ref_lp, old_lp, values, entropy = mb.run(
+                iteration, lambda size: score_rollout(roles, ro, size, iteration, rewards.learned, cfg.temperature,
+                                                      critic=critic, reference=reference,
+                                                      stage=getattr(cfg, "algo", "ppo")),
                 lambda: None)
     finally:
         roles.train(True)
-    if program is not None:
-        scores = scores + cfg.reward_weight * program if learned else program
-    m = ro.response_mask
-    kl = M.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * m
-    train_scores = adjust_scores(scores, ro.ended, cfg, moments)
-    rewards = M.shaped_rewards(train_scores, kl, m, kl_coef)
-    adv, returns = M.gae(rewards, values, m, cfg.gamma, cfg.lam)
+    if rewards.learned:
+        parts["reward_model"] = learned
+    return Scored(ro, rewards.combine(parts), parts, ref_lp, old_lp, values, entropy)
+
+
+def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConfig, kl_coef: float,
+                    rewards: RewardSet, gen_mb: MicroBatch, mb: MicroBatch, iteration: int,
+                    phase: Phase = lambda name: contextlib.nullcontext(),
+                    moments: M.RunningMoments | None = None) -> Experience:
+    """One PPO rollout, sampled and scored (`sample_and_score`: generation -> scoring by the
+    rewards, reference, actor and critic) -> KL, shaped rewards, GAE. kl_coef: this iteration's KL
+    coefficient. moments: the running score moments (--reward-norm), updated here; None: raw scores."""
+    sc = sample_and_score(roles, sample, cfg, rewards, gen_mb, mb, iteration, phase)
+    ro, m = sc.rollout, sc.rollout.response_mask
+    kl = M.kl_estimate(sc.old_lp, sc.ref_lp, cfg.kl_estimator) * m
+    train_scores = adjust_scores(sc.scores, ro.ended, cfg, moments)
+    shaped = M.shaped_rewards(train_scores, kl, m, kl_coef)
+    adv, returns = M.gae(shaped, sc.values, m, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = M.whiten(adv, m)
-    return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=old_lp,
-                      ref_logprobs=ref_lp, values=values, entropy=entropy, scores=scores, train_scores=train_scores,
-                      kl=kl, rewards=rewards, advantages=adv, returns=returns)
+    return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=sc.old_lp,
+                      ref_logprobs=sc.ref_lp, values=sc.values, entropy=sc.entropy, scores=sc.scores,
+                      train_scores=train_scores, kl=kl, rewards=shaped, advantages=adv, returns=returns,
+                      components=sc.components)
 
 
-__all__ = ["Rollout", "Experience", "make_experience", "score_rollout", "generate", "generate_in_chunks",
+__all__ = ["Rollout", "Experience", "Scored", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",
            "response_mask", "response_hidden", "logprobs_of", "entropy_of", "logit_map", "stop_ids", "ended_rows",
            "adjust_scores"]

@@ -50,16 +50,29 @@ def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig
     return vl, {"value_loss": vl.detach(), "vf_clip_frac": vf}
 
 
+def stage_key(cfg) -> str:
+    """The RL stage's name in the fault-injection switches (runtime/oom.py): ppo, grpo or rloo."""
+    return getattr(cfg, "algo", "ppo")
+
+
+def loss_denominator(exp: Experience, chunk: list[int], cfg) -> torch.Tensor:
+    """What each micro-batch's loss sum is divided by: the chunk's response tokens (a token mean),
+    or its rows where the loss is a per-response mean (GRPO's --loss-agg sequence)."""
+    if getattr(cfg, "loss_agg", "token") == "sequence":
+        return torch.tensor(float(len(chunk)), device=exp.response_mask.device)
+    return exp.response_mask[chunk].sum().clamp(min=1)
+
+
 def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, iteration: int, loss_of: LossFn,
                cfg: PPOConfig) -> dict[str, list[torch.Tensor]]:
     """Backward of `loss_of` over the rollout rows `chunk`, `size` rows at a time, gradients
     accumulated in the active adapter. Each micro-batch's loss is its token sum over the chunk's
     token count, so the gradient is the token mean over the chunk whatever `size` is (and the
     micro-batches' loss values add up to the chunk's). -> per-micro-batch statistics (tensors)."""
-    tokens = exp.response_mask[chunk].sum().clamp(min=1)
+    tokens = loss_denominator(exp, chunk, cfg)
     st: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(chunk), size):
-        maybe_inject("ppo", iteration, size, "start" if s == 0 else "mid")
+        maybe_inject(stage_key(cfg), iteration, size, "start" if s == 0 else "mid")
         idx = chunk[s: s + size]
         loss, extra = loss_of(eng, exp, idx, cfg, tokens)
         eng.backward(loss)
@@ -87,7 +100,7 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
     def step(size: int):
         st = accumulate(eng, exp, chunk, size, iteration, loss_of, cfg)
         return st, optimizer_step(opt, eng.parameters_of(adapter), scheduler, undo=undo,
-                                  fault=("ppo", iteration, size, adapter), scaler=scaler)
+                                  fault=(stage_key(cfg), iteration, size, adapter), scaler=scaler)
 
     st, norm = mb.run(iteration, step, reset)
     skipped = not finite(norm)
@@ -99,13 +112,18 @@ def minibatch_count(minibatches: int, rows: int) -> int:
     return max(1, min(minibatches, rows))
 
 
+PPO_LOSSES: tuple[tuple[str, LossFn], ...] = (("actor", actor_loss), ("critic", critic_loss))
+
+
 def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, schedulers: dict,
                mb: MicroBatch, iteration: int, order: torch.Generator,
                phase: Phase = lambda name: contextlib.nullcontext(),
                on_step: Callable[[dict], None] = lambda step_stats: None,
-               parking: OptimizerParking | None = None) -> dict[str, torch.Tensor]:
-    """cfg.ppo_epochs passes over the experience, cfg.minibatches optimizer steps each; on each
-    minibatch the actor, then the critic, inside phase("actor_update") / phase("critic_update").
+               parking: OptimizerParking | None = None,
+               losses: tuple[tuple[str, LossFn], ...] = PPO_LOSSES, epochs: int | None = None) -> dict[str, torch.Tensor]:
+    """`epochs` (default cfg.ppo_epochs) passes over the experience, cfg.minibatches optimizer steps
+    each; on each minibatch every (role, loss) of `losses` in turn, inside phase("<role>_update"):
+    PPO's actor then critic; GRPO/RLOO pass the actor and its group loss alone (`algo.grpo`).
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
@@ -116,10 +134,10 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
     first: dict[str, torch.Tensor] = {}
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs if epochs is None else epochs):
         perm = torch.randperm(B, generator=order).tolist()
         for j, chunk in enumerate([perm[i::n_mb] for i in range(n_mb)]):
-            for role, loss_of in (("actor", actor_loss), ("critic", critic_loss)):
+            for role, loss_of in losses:
                 with phase(f"{role}_update"), roles.role(role) as eng, \
                         (parking.active(role) if parking else contextlib.nullcontext()):
                     st, step_stats = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
@@ -138,4 +156,4 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     return {**out, **first}
 
 
-__all__ = ["ppo_update", "minibatch_count", "update_adapter", "accumulate", "actor_loss", "critic_loss"]
+__all__ = ["ppo_update", "PPO_LOSSES", "stage_key", "loss_denominator", "minibatch_count", "update_adapter", "accumulate", "actor_loss", "critic_loss"]

@@ -17,8 +17,9 @@ import math
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from lowmem_rlhf.errors import UserError
 
@@ -125,5 +126,69 @@ def python_command(script: str | Path) -> str:
     return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
 
 
+COMPONENTS = ("reward_model", "reward", "reward_cmd")  # the order of --reward-weights: the flags' names
+
+
+@dataclass
+class RewardSet:
+    """The rewards a run adds up, by the flag that named each: "reward_model" (the reward adapter +
+    head scores the rollout inside the scoring phase), "reward" (a function) and "reward_cmd" (an
+    evaluator process). score = sum of weight x component; each component is kept apart for the log."""
+
+    programs: dict[str, RewardFn] = field(default_factory=dict)  # "reward" / "reward_cmd" -> callable
+    learned: bool = False  # the reward model is one of the components
+    weights: dict[str, float] = field(default_factory=dict)  # component -> weight (every component named)
+
+    @property
+    def names(self) -> list[str]:
+        return [c for c in COMPONENTS if c in self.weights]
+
+    def combine(self, parts: dict[str, Any]) -> Any:
+        """sum of weight x part over the components (tensors of one shape, or floats)."""
+        total = None
+        for name in self.names:
+            term = self.weights[name] * parts[name]
+            total = term if total is None else total + term
+        return total
+
+
+def make_rewards(cfg: Any, stage: str = "PPO") -> RewardSet:
+    """The RewardSet of an RL config (its reward_model, reward, reward_cmd, reward_weights, reward_timeout),
+    or a one-line UserError: no reward at all, or a weight count that is not one per reward."""
+    given = [c for c in COMPONENTS if getattr(cfg, c, None)]
+    if not given:
+        raise UserError(f"{stage} needs a reward: --reward-model RUN/rm, --reward module:function or --reward-cmd "
+                        "\"...\" (several are added, weighted by --reward-weights)")
+    weights = cfg.reward_weights
+    if weights is None:
+        weights = [1.0] * len(given)
+    if len(weights) != len(given):
+        flags = ", ".join("--" + c.replace("_", "-") for c in given)
+        raise UserError(f"--reward-weights gives {len(weights)} weight(s) for {len(given)} reward(s) ({flags}): give "
+                        f"one per reward, in that order, e.g. --reward-weights {','.join(['1'] * len(given))}")
+    bad = [w for w in weights if not math.isfinite(float(w))]
+    if bad:
+        raise UserError(f"--reward-weights must be finite numbers, got {bad[0]}")
+    programs: dict[str, RewardFn] = {}
+    if cfg.reward:
+        programs["reward"] = FunctionReward(cfg.reward)
+    if cfg.reward_cmd:
+        programs["reward_cmd"] = CommandReward(cfg.reward_cmd, cfg.reward_timeout)
+    return RewardSet(programs, "reward_model" in given, {c: float(w) for c, w in zip(given, weights)})
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """--reward-weights "1,0.5" -> [1.0, 0.5] (one-line UserError for anything else)."""
+    if text is None:
+        return None
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--reward-weights {text!r}: expected comma-separated numbers, e.g. 1,0.5") from None
+    if not out or not all(math.isfinite(w) for w in out):
+        raise UserError(f"--reward-weights {text!r}: expected comma-separated finite numbers, e.g. 1,0.5")
+    return out
+
+
 __all__ = ["RewardError", "FunctionReward", "CommandReward", "load_reward_function", "check_scores",
-           "python_command"]
+           "python_command", "RewardSet", "make_rewards", "parse_weights", "COMPONENTS"]

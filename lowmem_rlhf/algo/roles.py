@@ -18,10 +18,12 @@ from lowmem_rlhf.model.adapters import SharedBase, disable_dropout
 class Roles:
     def __init__(self, engines: dict[str, SharedBase]):
         self.engines = engines
+        self.entries: dict[str, int] = {}  # times each role was made active (forwards run as it): counted, logged
 
     @contextlib.contextmanager
     def role(self, name: str):
         eng = self.engines[name]
+        self.entries[name] = self.entries.get(name, 0) + 1
         if name == "reference":
             with eng.reference():
                 yield eng
@@ -37,9 +39,21 @@ class Roles:
             eng.model.train(mode)
 
 
-def build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bool, seed: int) -> Roles:
+def build_roles(loaded_fn, prof: Profile, rm_adapter: Path | None, separate: bool, seed: int,
+                critic: bool = True) -> Roles:
     """loaded_fn() -> a freshly loaded base (called once when shared, once per role when separate).
-    Every dropout is off (Profile.for_rl): scoring and the update run the same forward."""
+    Every dropout is off (Profile.for_rl): scoring and the update run the same forward.
+    critic False (GRPO/RLOO): the shared base carries the actor, and the reward adapter when there
+    is a reward model; no critic adapter, no value head."""
+    if not critic:
+        if separate:
+            raise ValueError("critic-free RL runs on one shared base")
+        engine = SharedBase(loaded_fn(), prof.for_rl(), seed=seed)
+        if rm_adapter is not None:
+            engine.load_adapter("reward", rm_adapter, trainable=False, with_head=True)
+        engine.add_adapter("actor")
+        disable_dropout(engine.model)
+        return Roles({r: engine for r in ("actor", "reward", "reference")})
     roles = _build_roles(loaded_fn, prof.for_rl(), rm_adapter, separate, seed)
     for eng in roles.unique():
         disable_dropout(eng.model)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem_rlhf.algo.experience import Rollout
-from lowmem_rlhf.config import Profile, Shape
+from lowmem_rlhf.config import RL_STAGES, STAGES, Profile, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.alloc_tracker import AllocTracker, PhasePeak
 from lowmem_rlhf.plan.estimator import (
@@ -378,32 +378,46 @@ class _Rehearsal:
             del loss
             optimizer_step(opt, self.params("reward"))
 
-    def ppo(self, shape: Shape) -> int:
-        """One PPO iteration through the stage's own functions: algo.experience.make_experience
-        (generation, scoring, KL, GAE) and algo.ppo.ppo_update (one epoch: later epochs repeat the
-        same allocations), with PPOConfig's defaults. Returns the KV cache's bytes."""
+    def ppo(self, shape: Shape, stage: str = "ppo", reward_model: bool = True, beta: float | None = None) -> int:
+        """One RL iteration through the stage's own functions, with its config's defaults. PPO:
+        algo.experience.make_experience (generation, scoring, KL, GAE) and algo.ppo.ppo_update;
+        GRPO/RLOO: algo.grpo.make_group_experience and group_update (reward adapter + head only
+        with reward_model, the reference only when beta > 0; default GRPOConfig's). One epoch:
+        later epochs repeat the same allocations. Returns the KV cache's bytes."""
         from lowmem_rlhf.algo.experience import make_experience
+        from lowmem_rlhf.algo.grpo import group_update, make_group_experience
         from lowmem_rlhf.algo.ppo import ppo_update
+        from lowmem_rlhf.algo.rewards import RewardSet
         from lowmem_rlhf.algo.roles import Roles
-        from lowmem_rlhf.config import PPOConfig
+        from lowmem_rlhf.config import CRITIC_FREE, GRPOConfig, PPOConfig
         from lowmem_rlhf.model.adapters import disable_dropout
         from lowmem_rlhf.plan.estimator import generation_rows
         from lowmem_rlhf.runtime.oom import MicroBatch
         from lowmem_rlhf.runtime.optim import OptimizerParking, parks
 
         if not (self.profile.is_lora and self.profile.shared_base):
-            raise UserError("--simulate models PPO on one shared base with LoRA adapters "
+            raise UserError(f"--simulate models {stage.upper()} on one shared base with LoRA adapters "
                             "(profile shared_base: true, lora_r > 0)")
-        self.add_roles([("reward", True), ("critic", True), ("actor", False)])
+        critic_free = stage in CRITIC_FREE
+        reward_model = reward_model or not critic_free
+        trained = ("actor",) if critic_free else ("actor", "critic")
+        self.add_roles(([("reward", True)] if reward_model else []) + ([] if critic_free else [("critic", True)])
+                       + [("actor", False)])
         disable_dropout(self.engine.model)  # as algo.roles.build_roles: the RL stage has no dropout
-        optimizers = {"actor": self.optimizer("actor"), "critic": self.optimizer("critic")}
+        optimizers = {r: self.optimizer(r) for r in trained}
         parking = OptimizerParking(optimizers, parks(self.profile.optimizer, self.device) if self.park is None
                                    else self.park)
         parking.around_moves = lambda: self.tr.tag("optimizer")
         parking.park_all()  # as the stage: no optimizer state on the device outside its update
         B, P, R = shape.rollout_batch, shape.prompt_len, shape.response_len
-        cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
+        if critic_free:
+            cfg = GRPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, algo=stage,
+                             group_size=B if B > 1 else 2, **({} if beta is None else {"beta": beta}))
+        else:
+            cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
         roles = Roles({r: self.engine for r in ("actor", "critic", "reward", "reference")})
+        # the reward: the reward model's head (its scores are what the estimator counts); a program adds none
+        rewards = RewardSet(learned=reward_model, weights={"reward_model": 1.0} if reward_model else {})
         size = max(1, min(self.profile.micro_batch, B))
         # fixed sizes (elastic=False): the rehearsal never halves a micro-batch, nor logs to a run folder
         gen_mb, mb = (MicroBatch(n, "ppo", Path(tempfile.gettempdir()), self.profile.name, knob="", elastic=False)
@@ -423,9 +437,16 @@ class _Rehearsal:
                            torch.zeros(B, dtype=torch.bool, device=self.device))
 
         self.engine.model.train()
-        exp = make_experience(roles, sample, cfg, cfg.kl_coef, None, gen_mb, mb, 1, self.phase)
-        ppo_update(roles, exp, cfg, optimizers, {}, mb, 1, torch.Generator().manual_seed(0), self.phase,
-                   parking=parking)
+        order = torch.Generator().manual_seed(0)
+        if critic_free:
+            if not reward_model:  # a program's scores: one per response, computed on the host
+                rewards.programs["reward"] = lambda prompts, texts: [0.0] * B
+                rewards.weights["reward"] = 1.0
+            exp = make_group_experience(roles, sample, cfg, rewards, gen_mb, mb, 1, self.phase)
+            group_update(roles, exp, cfg, optimizers["actor"], None, mb, 1, order, self.phase, parking=parking)
+        else:
+            exp = make_experience(roles, sample, cfg, cfg.kl_coef, rewards, gen_mb, mb, 1, self.phase)
+            ppo_update(roles, exp, cfg, optimizers, {}, mb, 1, order, self.phase, parking=parking)
         return kv[0]
 
     def generation(self, prompts: torch.Tensor, R: int) -> tuple[int, torch.Tensor]:
@@ -460,13 +481,13 @@ class _Rehearsal:
 
 
 def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: str = "cuda",
-             cuda_like: bool = True, cuda_transients: bool = True,
-             park: bool | None = None) -> tuple[dict[str, PhasePeak], AllocTracker, int]:
+             cuda_like: bool = True, cuda_transients: bool = True, park: bool | None = None,
+             reward_model: bool = True, beta: float | None = None) -> tuple[dict[str, PhasePeak], AllocTracker, int]:
     """Run one step of `stage` on `loaded` (meta or real tensors) under the tracker. `cuda_like`
     patches dropout/SDPA as CUDA runs them; `cuda_transients` adds CUDA kernels' hidden transients
     (bitsandbytes' dequantized weight), which a CPU allocator never sees. park: PPO parks the idle
     role's optimizer state as on CUDA (default: as the stage would on this device, `parks`); False
-    keeps it resident, as a CPU run does."""
+    keeps it resident, as a CPU run does. reward_model, beta: GRPO/RLOO's (`_Rehearsal.ppo`)."""
     tracker = AllocTracker(transient_rules=[bnb_dequant_rule] if cuda_like and cuda_transients else [])
     if loaded.device.type == "meta":  # the device's memory only: host buffers (parked optimizer state) are not
         tracker.device_type = "meta"
@@ -476,27 +497,29 @@ def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: s
         warnings.simplefilter("ignore")
         with tracker, tracker.auto_tagging(*PHASE_TAGS.values()):
             tracker.register_module(loaded.model, _param_tag)
-            reh = _Rehearsal(loaded, profile.for_rl() if stage == "ppo" else profile, tracker)
+            reh = _Rehearsal(loaded, profile.for_rl() if stage in RL_STAGES else profile, tracker)
             reh.park = park
             if stage == "sft":
                 reh.sft(shape)
             elif stage == "rm":
                 reh.rm(shape)
             else:
-                kv = reh.ppo(shape)
+                kv = reh.ppo(shape, stage, reward_model, beta)
             for h in reh.hooks:
                 h.remove()
     return tracker.phases, tracker, kv
 
 
-def simulate(model: str, profile: Profile, stage: str, shape: Shape) -> Simulation:
-    """Build `model` on meta, rehearse one step of `stage`, and set it beside the estimator."""
-    if stage not in ("sft", "rm", "ppo"):
-        raise UserError(f"--stage must be sft, rm or ppo, got {stage!r}")
+def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_model: bool = True,
+             beta: float | None = None) -> Simulation:
+    """Build `model` on meta, rehearse one step of `stage`, and set it beside the estimator
+    (GRPO/RLOO: with a reward model or not, at KL weight beta)."""
+    if stage not in STAGES:
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     t0 = time.time()
     loaded = build_meta_model(model, profile)
-    phases, _, kv = rehearse(loaded, profile, stage, shape)
-    est = estimate(loaded.spec, profile, stage, shape, target="cuda")
+    phases, _, kv = rehearse(loaded, profile, stage, shape, reward_model=reward_model, beta=beta)
+    est = estimate(loaded.spec, profile, stage, shape, target="cuda", reward_model=reward_model, beta=beta)
     by_name = {p.name: p for p in est.phases}
     out = []
     for name, ph in phases.items():

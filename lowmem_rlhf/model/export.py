@@ -13,13 +13,16 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.adapters import read_meta
 from lowmem_rlhf.model.loading import TORCH_DTYPES, merge_adapter, resolve_source
 
-POLICY_ADAPTERS = (("ppo", "actor"), ("sft", "adapter"))  # newest policy first
+POLICY_ADAPTERS = (("ppo", "actor"), ("grpo", "actor"), ("rloo", "actor"), ("sft", "adapter"))  # RL policies, then SFT
 
 
 def policy_adapters(run: Path) -> tuple[list[Path], str]:
-    """Adapters to merge, in order: (merged SFT adapters recorded by the stage, the policy adapter)."""
+    """Adapters to merge, in order: (merged SFT adapters recorded by the stage, the policy adapter).
+    The policy is the RL stage that finished last (ppo, grpo or rloo), else SFT."""
     run = Path(run)
-    for stage, name in POLICY_ADAPTERS:
+    rl = [(s, n) for s, n in POLICY_ADAPTERS[:-1] if (run / s / "summary.json").exists()]
+    rl.sort(key=lambda sn: (run / sn[0] / "summary.json").stat().st_mtime, reverse=True)
+    for stage, name in rl + [POLICY_ADAPTERS[-1]]:
         adapter = run / stage / name
         if (adapter / "adapter_config.json").exists() and (run / stage / "summary.json").exists():
             meta = read_meta(adapter)
@@ -29,7 +32,7 @@ def policy_adapters(run: Path) -> tuple[list[Path], str]:
                     raise UserError(f"{adapter}: it was trained on a base merged with {p}, which is gone; "
                                     "restore that SFT folder")
             return merged + [adapter], meta.get("source", "")
-    raise UserError(f"{run}: no finished policy to export (looked for ppo/actor and sft/adapter with summary.json)")
+    raise UserError(f"{run}: no finished policy to export (looked for ppo/, grpo/ or rloo/actor and sft/adapter with summary.json)")
 
 
 def export_run(run: Path, out: Path, dtype: str = "bf16", model: str | None = None) -> Path:

@@ -29,10 +29,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowmem_rlhf.config import GIB, Profile, Shape
+from lowmem_rlhf.config import (
+    CRITIC_FREE,
+    GIB,
+    RL_STAGES,
+    STAGES,
+    GRPOConfig,
+    Profile,
+    Shape,
+)
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.plan.model_spec import LinearSpec, ModelSpec
 
+GRPO_BETA = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "beta")  # its KL weight's default
 # Why the zero3-offload profile never runs PPO; the planner, the estimator and the CLI all say this.
 ZERO3_PPO_REASON = ("PPO does not run under ZeRO-3: with actor and critic adapters on one DeepSpeed engine the "
                     "critic never moved and the actor took twice torch's update "
@@ -438,10 +447,12 @@ def _zero3_split(phase: Phase, spec: ModelSpec, profile: Profile) -> Phase:
 
 
 def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target: str = "cuda",
-             separate_models: bool = False) -> Estimate:
-    """Per-phase memory of `stage` ("sft", "rm", "ppo") for this model, profile and shape."""
-    if stage not in ("sft", "rm", "ppo"):
-        raise UserError(f"--stage must be sft, rm or ppo, got {stage!r}")
+             separate_models: bool = False, reward_model: bool = True, beta: float | None = None) -> Estimate:
+    """Per-phase memory of `stage` ("sft", "rm", "ppo", "grpo", "rloo") for this model, profile and
+    shape. GRPO/RLOO: reward_model, a reward adapter + head scores the rollout; beta (default
+    GRPOConfig's), the reference runs when it is above 0."""
+    if stage not in STAGES:
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if target not in ("cuda", "cpu"):
         raise ValueError(target)
     base = weight_bytes(spec, profile)["weights"]
@@ -463,9 +474,22 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
         phases = [phase]
     else:  # the RL stage runs without dropout (Profile.for_rl, adapters.disable_dropout)
         rl_spec = dataclasses.replace(spec, attn_dropout=0.0, hidden_dropout=0.0)
-        phases = _ppo_phases(rl_spec, profile.for_rl(), shape, base, head, target, separate_models, notes)
+        critic_free = stage in CRITIC_FREE
+        beta = GRPO_BETA if beta is None else beta
+        if critic_free and shape.rollout_batch < 2:
+            raise UserError(f"--rollout-batch {shape.rollout_batch}: {stage.upper()} compares at least 2 answers to "
+                            "a prompt; use --rollout-batch 2 or more")
+        if critic_free and separate_models:
+            raise UserError("--separate-models is PPO's 4-model layout; GRPO/RLOO run on one shared base")
+        phases = _rl_phases(rl_spec, profile.for_rl(), shape, base, head, target, separate_models, notes,
+                            critic=not critic_free, reward_model=reward_model or not critic_free,
+                            reference=not critic_free or beta > 0)
+        if critic_free:
+            notes.append(f"{stage.upper()}: no critic, no value head"
+                         + ("" if reward_model else ", no reward model")
+                         + (", no reference forward (beta 0)" if beta <= 0 else ""))
     if profile.offload == "zero3":
-        if stage == "ppo":
+        if stage in RL_STAGES:
             notes.append(ZERO3_PPO_REASON)
         phases = [_zero3_split(ph, spec, profile) for ph in phases]
     if target == "cpu":
@@ -473,8 +497,12 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
     return Estimate(stage, spec.name, profile.name, target, phases, notes)
 
 
-def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head: int, target: str,
-                separate_models: bool, notes: list[str]) -> list[Phase]:
+def _rl_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head: int, target: str,
+               separate_models: bool, notes: list[str], critic: bool = True, reward_model: bool = True,
+               reference: bool = True) -> list[Phase]:
+    """PPO's phases (critic True): generation, scoring, actor_update, critic_update; GRPO/RLOO's
+    (critic False): generation, scoring, actor_update, with the reward adapter + head only when
+    reward_model, and the reference's log-probs kept only when reference."""
     B, P, R = shape.rollout_batch, shape.prompt_len, shape.response_len
     S = P + R
     mb = min(profile.micro_batch, B)
@@ -482,7 +510,13 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     critic_t = (actor[0] + [spec.hidden_size], actor[1])
     shared = profile.is_lora and profile.shared_base and not separate_models
     static: dict[str, int] = {}
-    if shared:
+    if not critic and profile.is_lora:  # one shared base: the actor's adapter, and the reward model's with its head
+        static["weights"] = base
+        static["adapters"] = (1 + reward_model) * sum(actor[0]) * 4
+    elif not critic:  # full fine-tuning: the actor, and a frozen copy for the reference and the reward model each
+        static["weights"] = (1 + int(reference) + int(reward_model)) * base
+        notes.append("full fine-tuning GRPO/RLOO needs separate models (actor; reference and reward model frozen)")
+    elif shared:
         static["weights"] = base  # one frozen base; reference = adapters disabled
         static["adapters"] = 3 * sum(actor[0]) * 4  # actor, critic, reward
     else:
@@ -492,22 +526,24 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
         else:
             static["weights"] = 4 * base
             notes.append("full fine-tuning PPO needs four separate models (actor, critic trained)")
-    static["heads"] = 2 * head
+    static["heads"] = (2 if critic else int(reward_model)) * head  # value + reward heads; GRPO: the RM's only
     # optimizer state of actor and critic persists across the whole run: paged (unified memory), or
     # on the device only during its own role's update, parked in host RAM otherwise (runtime.optim)
-    opts = {"actor": optimizer_bytes(actor[0], actor[1], profile.optimizer),
-            "critic": optimizer_bytes(*critic_t, profile.optimizer)}
+    opts = {"actor": optimizer_bytes(actor[0], actor[1], profile.optimizer)}
+    if critic:
+        opts["critic"] = optimizer_bytes(*critic_t, profile.optimizer)
     opt = sum(opts.values())
     paged = opt if (profile.paged and target == "cuda") else 0
     park = profile.is_lora and parks_idle_state(profile.optimizer, target)
     static["optimizer"] = 0 if (paged or park) else opt
     if park:
-        notes.append(f"idle optimizer state parked in host RAM: each update moves {opts['actor'] / 2**20:.0f} MiB "
-                     f"(actor) or {opts['critic'] / 2**20:.0f} MiB (critic) in and out, ~"
+        moved = " or ".join(f"{v / 2**20:.0f} MiB ({k})" for k, v in opts.items())
+        notes.append(f"idle optimizer state parked in host RAM: each update moves {moved} in and out, ~"
                      f"{2 * opt / PCIE_BYTES_PER_S * 1e3:.0f} ms per minibatch at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s")
     p = act_bytes(profile)
-    # rollout buffers: token ids, masks, old logprobs, ref logprobs, values, rewards, advantages
-    static["rollout_buffers"] = B * S * (8 + 8) + B * R * 4 * 6
+    # rollout buffers: token ids, masks; (B, R) fp32: PPO's old/ref log-probs, values, rewards,
+    # advantages, entropy; GRPO's old log-probs, entropy, response mask, advantages, + ref log-probs and KL
+    static["rollout_buffers"] = B * S * (8 + 8) + B * R * 4 * (6 if critic else 4 + 2 * int(reference))
     phases = []
     # generation: prefill the prompts, then decode with the KV cache; logits for the last token only;
     # generation_batch rows at a time (each chunk's cache is freed before the next chunk starts)
@@ -541,8 +577,10 @@ def _ppo_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head
     block = chunked_logprob_bytes(spec, profile, mb * R, grad=True)
     phase.components["logits"] = max(block - phase.components["recompute"], 0)
     phase.components["optimizer"] = opts["actor"] if park else static["optimizer"]
-    phase.paged, phase.host = paged, phase.host + (opts["critic"] if park else 0)
+    phase.paged, phase.host = paged, phase.host + (opts.get("critic", 0) if park else 0)
     phases.append(phase)
+    if not critic:
+        return phases
     phase = _train_step("critic_update", spec, profile, mb * S, upd, [critic_t], lm_logits=False,
                         target=target, paged_ok=False)
     phase.components["optimizer"] = opts["critic"] if park else static["optimizer"]

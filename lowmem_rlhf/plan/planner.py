@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lowmem_rlhf.config import STAGES, Profile, Shape, deepspeed_missing
+from lowmem_rlhf.config import RL_STAGES, STAGES, Profile, Shape, deepspeed_missing
 from lowmem_rlhf.errors import NoFit, UserError
 from lowmem_rlhf.plan.estimator import (
     GIB,
@@ -113,7 +113,7 @@ def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, sta
     target = hw.device
     budget, what = budget_bytes(hw)
     usable = int(budget * (1 - SAFETY_MARGIN))
-    ests = {s: estimate(spec, profile, s, shape, target=target) for s in stages}
+    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model="rm" in stages) for s in stages}
     worst_stage, worst_short = None, 0
     for s, e in ests.items():
         need = e.device if target == "cuda" else e.cpu_ram
@@ -136,9 +136,14 @@ def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, sta
     return Candidate(profile, ests, True, "fits")
 
 
+def rl_stage(stages) -> str | None:
+    """The RL stage among `stages` (ppo, grpo or rloo), if any."""
+    return next((s for s in stages if s in RL_STAGES), None)
+
+
 def _generation_bound(c: Candidate, hw: Hardware) -> bool:
-    """PPO does not fit, and its peak is the generation phase (a smaller generation batch helps)."""
-    e = c.estimates.get("ppo")
+    """The RL stage does not fit, and its peak is the generation phase (a smaller generation batch helps)."""
+    e = c.estimates.get(rl_stage(c.estimates) or "")
     if c.fits or e is None or e.peak.name != "generation":
         return False
     need = e.device if hw.device == "cuda" else e.cpu_ram
@@ -157,14 +162,18 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
     """Try every profile (in rank order) at decreasing micro-batch; keep every verdict."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of sft, rm, ppo")
+        raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of {', '.join(STAGES)}")
+    if sum(s in RL_STAGES for s in stages) > 1:
+        raise UserError(f"--stages: one RL stage at a time ({', '.join(s for s in stages if s in RL_STAGES)} given); "
+                        "plan each with its own --algo")
+    rl = rl_stage(stages)
     result = Plan(hw, spec, shape, tuple(stages))
     for base in sorted(profiles, key=lambda p: (p.rank, p.name)):
         prof, note = adapt_to_hardware(base, hw)
         if prof is None:
             result.candidates.append(Candidate(base, {}, False, note, 0))
             continue
-        if prof.offload == "zero3" and "ppo" in stages:
+        if prof.offload == "zero3" and rl:
             result.candidates.append(Candidate(
                 prof, {}, False, f"{ZERO3_PPO_REASON}; plan SFT/RM with --stages sft,rm", 0))
             continue
@@ -175,7 +184,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         trials += [(prof.grad_ckpt, mb) for mb in _halvings(mb0)]
         # PPO's generation batch comes first at each trial: the largest that fits the generation phase
         # (it only sets the KV cache and the prefill; the training knobs do not touch that phase)
-        gens = _halvings(generation_rows(prof, shape.rollout_batch)) if "ppo" in stages else [prof.generation_batch]
+        gens = _halvings(generation_rows(prof, shape.rollout_batch)) if rl else [prof.generation_batch]
         for ckpt, mb in trials:
             for g in gens:
                 cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt, generation_batch=g)
@@ -189,7 +198,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                     cand.reason = "fits without gradient checkpointing (faster)"
                 elif mb < prof.micro_batch:
                     cand.reason = f"fits at micro-batch {mb} x {cand.grad_accum} accumulation"
-                if "ppo" in stages and g < shape.rollout_batch:
+                if rl and g < shape.rollout_batch:
                     cand.reason += f", sampling {g} of {shape.rollout_batch} rollout rows at a time"
                 if note:
                     cand.reason += f"; {note}"
@@ -205,29 +214,31 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
 
 
 def levers(spec: ModelSpec, c: Candidate, shape: Shape, hw: Hardware) -> list[dict[str, Any]]:
-    """The PPO memory levers the candidate runs with, and what each saves in its phases (GiB):
+    """The RL stage's memory levers the candidate runs with, and what each saves in its phases (GiB):
     the generation batch (against sampling the whole rollout at once) and the idle role's
-    optimizer state parked in host RAM (against both optimizers' state resident)."""
-    e = c.estimates.get("ppo")
-    if e is None:
+    optimizer state parked in host RAM (against every optimizer's state resident)."""
+    stage = rl_stage(c.estimates)
+    if stage is None:
         return []
+    e = c.estimates[stage]
     out = []
     phases = {p.name: p for p in e.phases}
     B, g = shape.rollout_batch, generation_rows(c.profile, shape.rollout_batch)
     if g < B:
-        full = {p.name: p for p in estimate(spec, replace(c.profile, generation_batch=0), "ppo", shape,
-                                            target=hw.device).phases}
+        full = {p.name: p for p in estimate(spec, replace(c.profile, generation_batch=0), stage, shape,
+                                            target=hw.device, reward_model="rm" in c.estimates).phases}
         saved = full["generation"].device - phases["generation"].device if hw.device == "cuda" else \
             full["generation"].cpu_ram - phases["generation"].cpu_ram
         out.append({"lever": "generation batch", "setting": f"{g} of {B} rollout rows sampled at once",
                     "saves_gib": {"generation": saved / GIB}})
     if c.profile.is_lora and parks_idle_state(c.profile.optimizer, hw.device):
         gen_host, upd = phases["generation"].host, phases["actor_update"].components["optimizer"]
+        saves = {"generation": gen_host / GIB, "scoring": gen_host / GIB, "actor_update": (gen_host - upd) / GIB}
+        if "critic_update" in phases:
+            saves["critic_update"] = upd / GIB
         out.append({"lever": "idle optimizer state in host RAM",
                     "setting": f"{c.profile.optimizer} state on the device only in its role's update",
-                    "saves_gib": {"generation": gen_host / GIB, "scoring": gen_host / GIB,
-                                  "actor_update": (gen_host - upd) / GIB,
-                                  "critic_update": upd / GIB}})
+                    "saves_gib": saves})
     return out
 
 
@@ -269,7 +280,7 @@ def advice(p: Plan) -> str:
     if weights > budget * (1 - SAFETY_MARGIN):
         parts.append(f"its weights alone take {weights / GIB:.1f} GiB of {budget / GIB:.1f} GiB {what}: "
                      "use a smaller model or a GPU with more memory (--gpu / --vram)")
-    elif stage == "ppo":
+    elif stage in RL_STAGES:
         parts.append(f"lower --response-len (now {s.response_len}), --prompt-len ({s.prompt_len}) or "
                      f"--rollout-batch ({s.rollout_batch}), or use a GPU with more memory")
     else:

@@ -5,12 +5,19 @@ demo task (lowmem_rlhf/algo/demo_task.py), scored by its checker on held-out pro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lowmem_rlhf.config import AutoConfig, Profile, dataclass_from_dict
+from lowmem_rlhf.config import (
+    CRITIC_FREE,
+    AutoConfig,
+    GRPOConfig,
+    Profile,
+    dataclass_from_dict,
+)
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.runtime.runs import (
     ensure_writable,
@@ -19,7 +26,9 @@ from lowmem_rlhf.runtime.runs import (
     write_json,
 )
 from lowmem_rlhf.runtime.stopping import Interrupted
-from lowmem_rlhf.stages.ppo import PPOConfig, check_rollout, run_ppo
+from lowmem_rlhf.stages.grpo import check_grpo, run_grpo
+from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
+from lowmem_rlhf.stages.rl import check_rollout
 from lowmem_rlhf.stages.rm import RMConfig, run_rm
 from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
@@ -45,11 +54,16 @@ def load_auto_config(run: Path) -> AutoConfig:
 
 
 def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = False) -> dict:
-    """SFT -> RM -> PPO. With resume: finished stages are kept, the one in progress continues from
-    its newest checkpoint, the rest start fresh."""
+    """SFT -> RM -> PPO (or GRPO/RLOO, cfg.algo). With resume: finished stages are kept, the one in
+    progress continues from its newest checkpoint, the rest start fresh."""
     t0 = time.time()
     spp = 1 if cfg.samples_per_prompt is None else cfg.samples_per_prompt  # None: an auto.json from before the knob
-    check_rollout(cfg.rollout_batch, spp)  # before SFT, not after it
+    algo = getattr(cfg, "algo", "ppo")
+    if algo in CRITIC_FREE:
+        rl_cfg = GRPOConfig(algo=algo, group_size=spp, **({} if cfg.beta is None else {"beta": cfg.beta}))
+        check_grpo(dataclasses.replace(rl_cfg, rollout_batch=cfg.rollout_batch), "--samples-per-prompt")  # before SFT
+    else:
+        check_rollout(cfg.rollout_batch, spp)
     run = Path(cfg.out)
     ensure_writable(run)
     if not resume:
@@ -82,30 +96,35 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     else:
         console.print("2/3 reward model skipped: the reward is a program")
     reward = " + ".join(x for x in ("the reward model" if rm is not None else "", cfg.reward or cfg.reward_cmd) if x)
-    ppo = stage("ppo", f"3/3 PPO on {cfg.prompts} (reward: {reward})", run_ppo,
-                PPOConfig(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
-                          reward_weight=cfg.reward_weight or 1.0, temperature=cfg.temperature,
-                          missing_eos_penalty=cfg.missing_eos_penalty,
-                          reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations,
-                          ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
-                          kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
-                          rollout_batch=cfg.rollout_batch, samples_per_prompt=spp,
-                          prompt_len=cfg.prompt_len,
-                          response_len=cfg.response_len, eval_prompts=cfg.heldout,
-                          eval_reward=cfg.eval_reward, **common))
+    # the program's weight against the reward model's (1) where both are rewards
+    program = cfg.reward or cfg.reward_cmd
+    weights = [1.0, cfg.reward_weight or 1.0] if rm is not None and program else None
+    rl = dict(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
+              reward_weights=weights, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
+              reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations, lr=cfg.ppo_lr,
+              rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len, response_len=cfg.response_len,
+              eval_prompts=cfg.heldout, eval_reward=cfg.eval_reward, **common)
+    if algo in CRITIC_FREE:
+        ppo = stage(algo, f"3/3 {algo.upper()} on {cfg.prompts} (reward: {reward}; {cfg.rollout_batch // spp} "
+                    f"prompts x {spp})", run_grpo, dataclasses.replace(rl_cfg, **rl))
+    else:
+        ppo = stage("ppo", f"3/3 PPO on {cfg.prompts} (reward: {reward})", run_ppo,
+                    PPOConfig(ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
+                              kl_horizon=cfg.kl_horizon or 10000, samples_per_prompt=spp, **rl))
     before, after = ppo["heldout_before"] or {}, ppo["heldout_after"] or {}
     summary = {
         "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,
         "sft": {"eval_loss_before": sft["eval_loss_before"], "eval_loss_after": sft["eval_loss_after"]},
         "rm": None if rm is None else {"heldout_accuracy_before": (rm["eval_before"] or {}).get("accuracy"),
                                        "heldout_accuracy": (rm["eval_after"] or {}).get("accuracy")},
+        "algo": algo, "seconds_rl": ppo.get("seconds"),
         "heldout_checker_sft": before.get("score"), "heldout_checker_ppo": after.get("score"),
         "heldout_n": after.get("n"),
         "heldout_correct_sft": before.get("correct"), "heldout_correct_ppo": after.get("correct"),
         "heldout_lenient_sft": before.get("lenient"), "heldout_lenient_ppo": after.get("lenient"),
         "ppo_reward_first5": ppo["reward_first5"], "ppo_reward_last5": ppo["reward_last5"],
         "ppo_kl_last5": ppo.get("kl_last5"), "ppo_kl_coef_final": ppo.get("kl_coef_final"),
-        "plot": str(run / "ppo" / "ppo.png"),
+        "plot": str(run / algo / f"{algo}.png"),
     }
     write_json(run / "summary.json", summary)
     return summary

@@ -53,7 +53,8 @@ from lowmem_rlhf.model.loading import load_model, read_adapter_meta
 from lowmem_rlhf.runtime.runs import ensure_writable, partial_dir, progress_bar
 
 SUMMARY = "summary.json"
-STAGES = {"sft": ("adapter", "SFT"), "ppo": ("actor", "PPO")}  # policy stage -> its adapter folder, title
+STAGES = {"sft": ("adapter", "SFT"), "ppo": ("actor", "PPO"), "grpo": ("actor", "GRPO"),
+          "rloo": ("actor", "RLOO")}  # policy stage -> its adapter folder, title
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 LOAD_KNOBS = ("quant", "double_quant", "dtype", "kbit_fp32_upcast", "offload", "attn_impl", "lora_targets")  # what a load depends on
 DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".ndjson", ".json", ".parquet")
@@ -193,7 +194,7 @@ def _adapter_policy(spec: str, run: Path, adapter: Path, model: str | None, name
 
 def _base_policy(run: Path, model: str | None) -> Policy:
     """The base model with no adapters; its source from the run's stages (or --model)."""
-    stage_dirs = [run / s for s in ("ppo", "sft", "rm") if (run / s / SUMMARY).exists()]
+    stage_dirs = [run / s for s in ("ppo", "grpo", "rloo", "sft", "rm") if (run / s / SUMMARY).exists()]
     if model:
         return Policy("base", "base", model, stage_dir=stage_dirs[0] if stage_dirs else None)
     for d in stage_dirs:
@@ -394,7 +395,9 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
         raise UserError(f"--pass-threshold must be a finite number, got {cfg.pass_threshold}")
     reward = make_reward(cfg)
     policies = resolve_policies(run, cfg.policies, cfg.model)
-    ppo_cfg = _read_config(run / "ppo") if (run / "ppo" / SUMMARY).exists() else {}
+    rl = [run / s for s in ("ppo", "grpo", "rloo") if (run / s / SUMMARY).exists()]  # the newest RL stage's shape
+    rl_dir = max(rl, key=lambda d: (d / SUMMARY).stat().st_mtime, default=None)
+    ppo_cfg = _read_config(rl_dir) if rl_dir is not None else {}
     max_new = cfg.max_new_tokens or ppo_cfg.get("response_len") or 64
     prompt_len = cfg.prompt_len or ppo_cfg.get("prompt_len") or 128
     batch = cfg.batch or ppo_cfg.get("rollout_batch") or 8

@@ -11,31 +11,22 @@ The scaffold (`stages/scaffold.py`) owns the run folder, resume, checkpoints and
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo import ppo_math as M
-from lowmem_rlhf.algo.demo_task import lenient, strict
-from lowmem_rlhf.algo.experience import (
-    Experience,
-    Rollout,
-    generate,
-    generate_in_chunks,
-    make_experience,
-)
+from lowmem_rlhf.algo.experience import Experience, generate, make_experience
 from lowmem_rlhf.algo.ppo import minibatch_count, ppo_update
-from lowmem_rlhf.algo.rewards import CommandReward, FunctionReward, RewardError
+from lowmem_rlhf.algo.rewards import RewardError, RewardSet, make_rewards
 from lowmem_rlhf.algo.roles import Roles, attach_roles, base_fingerprint, build_roles
-from lowmem_rlhf.algo.sampling import row_seeds
 from lowmem_rlhf.config import PPOConfig, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
 from lowmem_rlhf.model.loading import load_model, logit_transform
 from lowmem_rlhf.plan.estimator import generation_rows
-from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
+from lowmem_rlhf.runtime.oom import MicroBatch
 from lowmem_rlhf.runtime.optim import (
     OptimizerParking,
     default_warmup,
@@ -45,55 +36,30 @@ from lowmem_rlhf.runtime.optim import (
     warmup_cosine,
 )
 from lowmem_rlhf.runtime.runs import finished_adapter
+from lowmem_rlhf.stages.rl import (
+    check_rollout,
+    component_means,
+    eval_function,
+    mean,
+    rollout_sampler,
+    score_policy,
+    timed,
+)
 from lowmem_rlhf.stages.scaffold import Stage
 
 PHASES = ("generation", "scoring", "actor_update", "critic_update")
 
 
-def make_reward(cfg: PPOConfig):
-    """The programmatic reward (a function or an evaluator command), or None when the reward is the
-    learned RM alone. With --reward-model too, the RM's score and the program's are added."""
-    if cfg.reward and cfg.reward_cmd:
-        raise UserError("--reward and --reward-cmd are both given; pass one program (a --reward-model may join it)")
-    if not (cfg.reward_model or cfg.reward or cfg.reward_cmd):
-        raise UserError("PPO needs a reward: --reward-model RUN/rm, --reward module:function or --reward-cmd \"...\" "
-                        "(a reward model and one program are added)")
-    if cfg.reward:
-        return FunctionReward(cfg.reward)
-    if cfg.reward_cmd:
-        return CommandReward(cfg.reward_cmd, cfg.reward_timeout)
-    return None
-
-
-@torch.no_grad()
-def score_policy(roles: Roles, prompts: list[D.PromptExample], fn, tok, cfg: PPOConfig, use_reference: bool) -> dict:
-    """Greedy answers of the actor (or the reference = SFT policy) on held-out prompts, scored by
-    fn. Where the rows carry an `answer`, also how many responses are exactly it (`correct`,
-    case and punctuation ignored) and how many contain it (`lenient`), of `n`."""
-    ids = [D.tokenize_prompt(p, tok, cfg.prompt_len) for p in prompts]
-    texts = [D.render_prompt(tok, p.prompt) for p in prompts]
-    scores, answers = [], []
-    for i in range(0, len(ids), max(cfg.rollout_batch, 1)):
-        chunk = ids[i: i + cfg.rollout_batch]
-        with roles.role("reference" if use_reference else "actor") as eng:
-            ro = generate(eng, chunk, tok, cfg.response_len, 1.0, 1.0, greedy=True)
-        answers += ro.texts
-        scores += list(fn(texts[i: i + len(chunk)], ro.texts))
-    out = {"score": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": answers[:5], "answers": answers}
-    expected = [p.meta.get("answer") for p in prompts]
-    if all(isinstance(a, (str, int, float)) for a in expected):
-        out["correct"] = sum(strict(r, str(a)) for r, a in zip(answers, expected))
-        out["lenient"] = sum(lenient(r, str(a)) for r, a in zip(answers, expected))
-    return out
-
-
-def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
-    """Actor and critic optimizers (the profile's kind), and their LR schedules (cfg.lr_schedule)."""
+def make_optimizers(roles: Roles, cfg, device, trained: tuple[str, ...] = ("actor", "critic"),
+                    epochs: int | None = None) -> tuple[dict, dict]:
+    """The `trained` roles' optimizers (the profile's kind), and their LR schedules (cfg.lr_schedule)
+    over cfg.iterations x epochs (default cfg.ppo_epochs) x minibatches steps."""
     prof = cfg.profile
-    lrs = {"actor": cfg.lr, "critic": cfg.critic_lr}
+    lrs = {"actor": cfg.lr, "critic": getattr(cfg, "critic_lr", None)}
     opts, scheds = {}, {}
-    steps = cfg.iterations * cfg.ppo_epochs * minibatch_count(cfg.minibatches, cfg.rollout_batch)
-    for role in ("actor", "critic"):
+    steps = cfg.iterations * (cfg.ppo_epochs if epochs is None else epochs) * minibatch_count(cfg.minibatches,
+                                                                                            cfg.rollout_batch)
+    for role in trained:
         with roles.role(role) as eng:
             lr = lrs[role] if lrs[role] is not None else prof.learning_rate
             opts[role] = make_optimizer(eng.parameters_of(role), prof.optimizer, lr, device=device)
@@ -104,25 +70,33 @@ def make_optimizers(roles: Roles, cfg: PPOConfig, device) -> tuple[dict, dict]:
     return opts, scheds
 
 
-def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: float, lr: float, mb: MicroBatch,
-                gen_mb: MicroBatch, st: Stage, cfg: PPOConfig, device) -> dict:
-    """The row logged for one iteration: reward, KL, losses (0-d tensors, read here), sizes,
-    seconds, and per phase the measured peak beside the estimator's."""
+def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: float | None, lr: float,
+                mb: MicroBatch, gen_mb: MicroBatch, st: Stage, cfg, device, rewards: RewardSet, roles: Roles,
+                phases: tuple[str, ...] = PHASES, epochs: int | None = None) -> dict:
+    """The row logged for one iteration: reward (and each reward component), KL, losses (0-d
+    tensors, read here), sizes, seconds, forwards per role, and per phase the measured peak beside
+    the estimator's. PPO and GRPO/RLOO (its `phases`, and its `epochs`) both log it."""
     m, B = exp.response_mask, len(exp.seqs)
-    update_s = times["actor_update"] + times["critic_update"]
+    update_s = sum(times.get(f"{r}_update", 0.0) for r in ("actor", "critic"))
+    epochs = cfg.ppo_epochs if epochs is None else epochs
     row = {
         "iteration": it + 1, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
-        "kl": exp.seq_kl, "kl_coef": kl_coef, "entropy": float(M.masked_mean(exp.entropy, m)),
+        **component_means(exp, rewards),
+        "kl": None if exp.kl is None else exp.seq_kl, "kl_coef": kl_coef,
+        "entropy": float(M.masked_mean(exp.entropy, m)),
         "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size, "lr": lr,
         "train_score_mean": float(exp.train_scores.mean()),
         "ended_fraction": 1.0 if exp.ended is None else float(exp.ended.float().mean()),
         "generation_batch": gen_mb.size, "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
         **{k: float(v) for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},
         "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
-        "tokens_per_s_update": int(exp.mask.sum()) * cfg.ppo_epochs / max(update_s, 1e-9),
+        "tokens_per_s_update": int(exp.mask.sum()) * epochs / max(update_s, 1e-9),
+        # this iteration's activations of each role (each runs its forwards): the stage clears them per iteration
+        **{f"forwards_{r}": roles.entries.get(r, 0) for r in ("actor", "critic", "reward", "reference")
+           if r in roles.engines},
     }
     est = {p.name: p for p in st.est.phases}
-    for ph in PHASES:
+    for ph in phases:
         for fig, v in st.meter.peaks.get(ph, {}).items():
             row[f"peak_{ph}_{fig}"] = v
         fig = "allocated" if device.type == "cuda" else "cpu_ram"
@@ -130,26 +104,15 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
     return row
 
 
-def check_rollout(rollout_batch: int, samples_per_prompt: int) -> None:
-    """One line, before anything loads, unless the rollout splits into whole prompts."""
-    B, k = rollout_batch, samples_per_prompt
-    if k < 1:
-        raise UserError(f"--samples-per-prompt must be at least 1, got {k}")
-    if B % k:
-        raise UserError(f"--samples-per-prompt {k} must divide --rollout-batch {B}: "
-                        f"use --rollout-batch {max(B - B % k, k)}")
-
-
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
     check_rollout(cfg.rollout_batch, cfg.samples_per_prompt)
     cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
     prof = cfg.profile
-    reward_fn = make_reward(cfg)
+    rewards = make_rewards(cfg)
     merged = [finished_adapter(cfg.sft, "--sft", "SFT", "RUN/sft")] if cfg.sft is not None else []
     rm_adapter = (finished_adapter(cfg.reward_model, "--reward-model", "RM", "RUN/rm")
                   if cfg.reward_model is not None else None)
-    eval_fn = FunctionReward(cfg.eval_reward) if cfg.eval_reward else (
-        reward_fn if isinstance(reward_fn, FunctionReward) else None)
+    eval_fn = eval_function(cfg.eval_reward, rewards)
     with Stage(cfg, "ppo", "PPO", console, step_key="iteration") as st:
         # ---- setup ----------------------------------------------------------------------------
         loaded = st.load(context=(cfg.prompt_len + cfg.response_len,
@@ -202,22 +165,15 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         for it in st.steps(cfg.iterations, sync):
             k = cfg.samples_per_prompt
             pick = [i for i in sampler.draw(B // k) for _ in range(k)]  # each prompt k times, side by side
-            torch.manual_seed(cfg.seed * 100_003 + it)
-            seeds = row_seeds(B)  # one stream per row: the rollout is the same in chunks of any size
+            sample = rollout_sampler(roles, prompt_ids, prompt_texts, pick, tok, cfg, "ppo", it)
             times: dict[str, float] = {}
+            roles.entries.clear()  # forwards per role, counted for this iteration's row
 
             def phase(name: str):
-                return _timed(st.meter.phase(name), times, name)
-
-            def sample(size: int) -> Rollout:
-                maybe_inject("ppo-generation", it + 1, size)
-                return generate_in_chunks(roles.engines["actor"], [prompt_ids[i] for i in pick], tok, R,
-                                          cfg.temperature, cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick],
-                                          seeds=seeds)
+                return timed(st.meter.phase(name), times, name)
 
             try:
-                exp = make_experience(roles, sample, cfg, kl_ctl.value, reward_fn, gen_mb, mb, it + 1, phase, moments,
-                                      learned_reward=rm_adapter is not None)
+                exp = make_experience(roles, sample, cfg, kl_ctl.value, rewards, gen_mb, mb, it + 1, phase, moments)
             except RewardError as e:
                 state["skipped"] += 1
                 state["skip_reason"] = str(e)
@@ -228,7 +184,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                                on_step=lambda step_stats: st.skipped(step_stats, it + 1), parking=parking)
             kl_ctl.update(exp.seq_kl, B)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
-                              st, cfg, device)
+                              st, cfg, device, rewards, roles)
             row.update({f"loss_scale_{r}": roles.engines[r].scalers[r].get_scale()  # fp16 only
                         for r in ("actor", "critic") if r in roles.engines[r].scalers})
             st.log(postfix={"reward": row["reward_mean"], "kl": row["kl"]}, **row)
@@ -248,15 +204,16 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         for eng in roles.unique():
             for k, v in counted_components(eng.model).items():
                 counted[k] = counted.get(k, 0) + v
-        rewards = state["rewards"]
+        rewards_seen = state["rewards"]
         summary = st.finish({
             "iterations": cfg.iterations, "skipped_iterations": state["skipped"], "merged_sft": [str(p) for p in merged],
             "reward": " + ".join(str(x) for x in (cfg.reward_model, cfg.reward, cfg.reward_cmd) if x),
-            "reward_first5": _mean(rewards[:5]), "reward_last5": _mean(rewards[-5:]),
-            "kl_last5": _mean(state.get("kls", [])[-5:]), "kl_coef_final": kl_ctl.value,
+            "reward_weights": rewards.weights,
+            "reward_first5": mean(rewards_seen[:5]), "reward_last5": mean(rewards_seen[-5:]),
+            "kl_last5": mean(state.get("kls", [])[-5:]), "kl_coef_final": kl_ctl.value,
             "heldout_before": state["eval_before"], "heldout_after": eval_after,
             "base_sha256_before": base_before, "base_sha256_after": base_fingerprint(roles.engines["actor"]),
-            "separate_models": cfg.separate_models, "seconds_per_iteration": _mean(state["iter_seconds"]),
+            "separate_models": cfg.separate_models, "seconds_per_iteration": mean(state["iter_seconds"]),
             "micro_batch": mb.size, "generation_batch": gen_mb.size, "oom_events": gen_mb.events + mb.events,
         }, counted)
         try:
@@ -268,25 +225,5 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
     return summary
 
 
-class _timed:
-    """A context manager around `inner` that adds its wall seconds to times[name]."""
-
-    def __init__(self, inner, times: dict[str, float], name: str):
-        self.inner, self.times, self.name = inner, times, name
-
-    def __enter__(self):
-        self.t0 = time.time()
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return self.inner.__exit__(*exc)  # the meter synchronises CUDA first: its kernels are counted
-        finally:
-            self.times[self.name] = self.times.get(self.name, 0.0) + time.time() - self.t0
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-__all__ = ["PPOConfig", "run_ppo", "generate", "attach_roles", "base_fingerprint"]
+__all__ = ["PPOConfig", "run_ppo", "generate", "attach_roles", "base_fingerprint", "check_rollout", "score_policy",
+           "metrics_row", "make_optimizers"]

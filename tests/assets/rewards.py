@@ -46,4 +46,7 @@ if __name__ == "__main__":  # the --reward-cmd protocol: JSON lines in, one scor
         time.sleep(600)
     for line in sys.stdin:
         row = json.loads(line)
-        print(sum(1 for c in row["response"] if ord(c) < 128) / 16)
+        if len(sys.argv) > 1 and sys.argv[1] == "inverse":  # 1 - ascii_share: a second, opposed reward
+            print(1 - ascii_share([row["prompt"]], [row["response"]])[0])
+        else:
+            print(sum(1 for c in row["response"] if ord(c) < 128) / 16)
