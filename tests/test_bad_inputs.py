@@ -126,7 +126,8 @@ TABLE = {
                                 ["--group-size 3 must divide --rollout-batch 4", "use --rollout-batch 3"]),
     "flag-negative-beta": (_with(GRPO, beta="-0.1"), "grpo", ["--beta must be 0 or more", "got -0.1"]),
     "flag-algo": (_with(GRPO, algo="ppo"), "grpo", ["--algo must be grpo or rloo, got 'ppo'"]),
-    "flag-plan-algo": (["plan", "--algo", "dpo"], None, ["--algo must be ppo, grpo, rloo, got 'dpo'"]),
+    "flag-auto-algo": (["auto", "--algo", "dpo", "--out", "{root}/auto-dpo"], None,
+                       ["--algo must be ppo, grpo, rloo, got 'dpo'"]),
     "flag-samples-per-prompt": (_with(PPO, reward="{rewards}:ascii_share", samples_per_prompt="3"), "ppo",
                                 ["--samples-per-prompt 3 must divide --rollout-batch 2", "use --rollout-batch 3"]),
     # the demo's 4 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM

@@ -98,7 +98,7 @@ BAD = [
     (["estimate", "--quant", "nf4", "--lora-r", "0"], "quantized weights cannot be trained"),
     (["estimate", "--lora-r", "0"], "add --quant none"),
     (["estimate", "--quant", "nf5"], "--quant must be one of"),
-    (["estimate", "--stage", "dpo"], "--stage must be sft, rm or ppo"),
+    (["estimate", "--stage", "dpo"], "--stage must be one of sft, rm, ppo, grpo, rloo, got 'dpo'"),
     (["estimate", "-m", "llama-2-7b", "--lora-targets", "c_attn"], "LoRA target(s) c_attn not in llama-2-7b"),
     (["estimate", "--profile", "nope"], "profile 'nope' not found"),
 ]

@@ -74,9 +74,11 @@ def test_response_mask_stops_after_first_eos():
     assert response_mask(resp, 2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("profile", ["qlora-shared", "lora-bf16-shared"])
+@pytest.mark.parametrize("profile", ["qlora-shared"])
 def test_programmatic_reward_rises_and_base_is_untouched(byte_llama, tmp_path, profile):
-    """The trained policy's reward over the last 3 of 8 iterations beats, by 0.2, that of a control
+    """(The 4-bit profile only since issue 16: the lora-bf16-shared case, 80-120 s, went to keep the
+    suite under 25 minutes when GRPO's learning test came; lora-bf16-shared PPO still trains in
+    tests/test_ppo_exact.py and the SmolLM2 demo runs with it.) The trained policy's reward over the last 3 of 8 iterations beats, by 0.2, that of a control
     run at learning rate 0 with the same prompts and the same per-row random streams (common
     random numbers: the difference is the learning, not the draws). Measured (4-bit, seeds 0-2):
     trained 0.94, 0.77, 0.94; control 0.49, 0.56, 0.51. (The test compared the first 3 iterations
