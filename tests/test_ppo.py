@@ -130,6 +130,13 @@ def test_a_large_kl_coefficient_holds_the_policy_near_the_reference(byte_llama, 
     assert sum(held_all) < 0.7 * sum(free_all), (held_all, free_all)
 
 
+def test_reward_command(byte_llama, tmp_path):
+    """PPO with an evaluator process as its only reward (4 rows, 1 epoch: the reward path, not learning)."""
+    s = run_ppo(_cfg(byte_llama, tmp_path, reward_cmd=python_command(REWARDS), iterations=2, rollout_batch=4,
+                     ppo_epochs=1))
+    assert s["skipped_iterations"] == 0 and len(_rewards(tmp_path)) == 2
+
+
 def test_samples_per_prompt_puts_each_prompt_k_times_in_a_rollout(byte_llama, tmp_path, monkeypatch):
     """--samples-per-prompt 4 with --rollout-batch 16: the reward sees 4 prompts, each 4 times in a
     row, and the next rollout draws 4 new ones (epoch order, no repeats within the 8 prompts)."""

@@ -193,6 +193,11 @@ def entropy_of(engine: SharedBase, h: torch.Tensor, temperature: float = 1.0) ->
     return ent.view(B, R)
 
 
+def stage_key(cfg) -> str:
+    """The RL stage's name in the fault-injection switches (runtime/oom.py): ppo, grpo or rloo."""
+    return getattr(cfg, "algo", "ppo")
+
+
 def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_reward: bool,
                   temperature: float = 1.0, critic: bool = True, reference: bool = True,
                   stage: str = "ppo") -> tuple:
@@ -274,7 +279,7 @@ def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, reward
             learned, ref_lp, old_lp, values, entropy = mb.run(
                 iteration, lambda size: score_rollout(roles, ro, size, iteration, rewards.learned, cfg.temperature,
                                                       critic=critic, reference=reference,
-                                                      stage=getattr(cfg, "algo", "ppo")),
+                                                      stage=stage_key(cfg)),
                 lambda: None)
     finally:
         roles.train(True)
@@ -304,6 +309,6 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
                       components=sc.components)
 
 
-__all__ = ["Rollout", "Experience", "Scored", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",
+__all__ = ["Rollout", "Experience", "Scored", "stage_key", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",
            "response_mask", "response_hidden", "logprobs_of", "entropy_of", "logit_map", "stop_ids", "ended_rows",
            "adjust_scores"]

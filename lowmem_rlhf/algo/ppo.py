@@ -13,7 +13,13 @@ from typing import Callable
 import torch
 
 from lowmem_rlhf.algo import ppo_math as M
-from lowmem_rlhf.algo.experience import Experience, Phase, logprobs_of, response_hidden
+from lowmem_rlhf.algo.experience import (
+    Experience,
+    Phase,
+    logprobs_of,
+    response_hidden,
+    stage_key,
+)
 from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.model.adapters import SharedBase
@@ -48,11 +54,6 @@ def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig
     v = eng.scalar(response_hidden(eng, seqs, am, exp.prompt_len))
     vl, vf = M.value_loss(v, exp.values[idx], exp.returns[idx], exp.response_mask[idx], cfg.vf_clip, tokens)
     return vl, {"value_loss": vl.detach(), "vf_clip_frac": vf}
-
-
-def stage_key(cfg) -> str:
-    """The RL stage's name in the fault-injection switches (runtime/oom.py): ppo, grpo or rloo."""
-    return getattr(cfg, "algo", "ppo")
 
 
 def loss_denominator(exp: Experience, chunk: list[int], cfg) -> torch.Tensor:
@@ -156,4 +157,4 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
     return {**out, **first}
 
 
-__all__ = ["ppo_update", "PPO_LOSSES", "stage_key", "loss_denominator", "minibatch_count", "update_adapter", "accumulate", "actor_loss", "critic_loss"]
+__all__ = ["ppo_update", "PPO_LOSSES", "loss_denominator", "minibatch_count", "update_adapter", "accumulate", "actor_loss", "critic_loss"]

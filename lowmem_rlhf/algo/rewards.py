@@ -185,9 +185,9 @@ def parse_weights(text: str | None) -> list[float] | None:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--reward-weights {text!r}: expected comma-separated numbers, e.g. 1,0.5") from None
-    if not out or not all(math.isfinite(w) for w in out):
-        raise UserError(f"--reward-weights {text!r}: expected comma-separated finite numbers, e.g. 1,0.5")
-    return out
+    if not out:
+        raise UserError(f"--reward-weights {text!r}: expected comma-separated numbers, e.g. 1,0.5")
+    return out  # finite or not: make_rewards checks the values (for every caller, not only the CLI)
 
 
 __all__ = ["RewardError", "FunctionReward", "CommandReward", "load_reward_function", "check_scores",

@@ -58,7 +58,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     progress continues from its newest checkpoint, the rest start fresh."""
     t0 = time.time()
     spp = 1 if cfg.samples_per_prompt is None else cfg.samples_per_prompt  # None: an auto.json from before the knob
-    algo = getattr(cfg, "algo", "ppo")
+    algo = cfg.algo
     if algo in CRITIC_FREE:
         rl_cfg = GRPOConfig(algo=algo, group_size=spp, **({} if cfg.beta is None else {"beta": cfg.beta}))
         check_grpo(dataclasses.replace(rl_cfg, rollout_batch=cfg.rollout_batch), "--samples-per-prompt")  # before SFT

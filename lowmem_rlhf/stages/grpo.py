@@ -25,17 +25,20 @@ from lowmem_rlhf.algo.roles import base_fingerprint, build_roles
 from lowmem_rlhf.config import GRPOConfig, Shape
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
-from lowmem_rlhf.model.loading import load_model, logit_transform
+from lowmem_rlhf.model.loading import logit_transform
 from lowmem_rlhf.plan.estimator import generation_rows
 from lowmem_rlhf.runtime.optim import OptimizerParking, parks
 from lowmem_rlhf.runtime.runs import finished_adapter
 from lowmem_rlhf.stages.ppo import make_optimizers, metrics_row
 from lowmem_rlhf.stages.rl import (
+    check_not_all_skipped,
     check_rollout,
     eval_function,
+    loss_scales,
     mean,
     rollout_sampler,
     score_policy,
+    skip_iteration,
     timed,
 )
 from lowmem_rlhf.stages.scaffold import Stage
@@ -81,10 +84,8 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
         prompt_ids = [D.tokenize_prompt(p, tok, cfg.prompt_len) for p in prompts]
         prompt_texts = [D.render_prompt(tok, p.prompt) for p in prompts]
         held = D.to_prompts(D.load_records(cfg.eval_prompts), cfg.eval_prompts) if cfg.eval_prompts else []
-        first = [loaded]
-        roles = build_roles(lambda: first.pop() if first else load_model(
-            cfg.model, prof, cfg.trust_remote_code, merge_adapters=tuple(merged)), prof, rm_adapter, False, cfg.seed,
-            critic=False)
+        # one shared base: build_roles loads nothing more (PPO's 4-model layout is PPO's only)
+        roles = build_roles(lambda: loaded, prof, rm_adapter, False, cfg.seed, critic=False)
         base_before = base_fingerprint(roles.engines["actor"])
         optimizers, schedulers = make_optimizers(roles, cfg, device, trained=("actor",), epochs=cfg.epochs)
         parking = OptimizerParking(optimizers, parks(prof.optimizer, device))  # the actor's state off the device
@@ -124,10 +125,7 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
             try:
                 exp = make_group_experience(roles, sample, cfg, rewards, gen_mb, mb, it + 1, phase)
             except RewardError as e:
-                state["skipped"] += 1
-                state["skip_reason"] = str(e)
-                st.log(iteration=it + 1, skipped=True, reason=str(e))
-                st.say(f"{title} iteration {it + 1} skipped: {e}")
+                skip_iteration(st, state, it, title, e)
                 continue
             stats = group_update(roles, exp, cfg, optimizers["actor"], schedulers.get("actor"), mb, it + 1, order,
                                  phase, on_step=lambda step_stats: st.skipped(step_stats, it + 1), parking=parking)
@@ -135,16 +133,13 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
                               st, cfg, device, rewards, roles, phases=PHASES, epochs=cfg.epochs)
             groups = exp.train_scores.view(-1, G)
             row["groups_without_signal"] = int((groups.max(1).values == groups.min(1).values).sum())
-            if "actor" in eng.scalers:
-                row["loss_scale_actor"] = eng.scalers["actor"].get_scale()
+            row.update(loss_scales(roles, ("actor",)))
             st.log(postfix={"reward": row["reward_mean"]}, **row)
             state["rewards"].append(row["reward_mean"])
             if row["kl"] is not None:
                 state.setdefault("kls", []).append(row["kl"])
             state["iter_seconds"].append(sum(times.values()))
-        if state["skipped"] == cfg.iterations:
-            raise UserError(f"every {title} iteration was skipped because the reward failed ({cfg.iterations} of "
-                            f"{cfg.iterations}; last: {state.get('skip_reason', '?')}); fix the reward and re-run")
+        check_not_all_skipped(state, cfg.iterations, title)
         eval_after = score_policy(roles, held, eval_fn, tok, cfg, use_reference=False) if held and eval_fn else None
 
         # ---- save -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from lowmem_rlhf.algo.ppo import minibatch_count, ppo_update
 from lowmem_rlhf.algo.rewards import RewardError, RewardSet, make_rewards
 from lowmem_rlhf.algo.roles import Roles, attach_roles, base_fingerprint, build_roles
 from lowmem_rlhf.config import PPOConfig, Shape
-from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import counted_components
 from lowmem_rlhf.model.loading import load_model, logit_transform
 from lowmem_rlhf.plan.estimator import generation_rows
@@ -37,12 +36,15 @@ from lowmem_rlhf.runtime.optim import (
 )
 from lowmem_rlhf.runtime.runs import finished_adapter
 from lowmem_rlhf.stages.rl import (
+    check_not_all_skipped,
     check_rollout,
     component_means,
     eval_function,
+    loss_scales,
     mean,
     rollout_sampler,
     score_policy,
+    skip_iteration,
     timed,
 )
 from lowmem_rlhf.stages.scaffold import Stage
@@ -175,25 +177,19 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             try:
                 exp = make_experience(roles, sample, cfg, kl_ctl.value, rewards, gen_mb, mb, it + 1, phase, moments)
             except RewardError as e:
-                state["skipped"] += 1
-                state["skip_reason"] = str(e)
-                st.log(iteration=it + 1, skipped=True, reason=str(e))
-                st.say(f"PPO iteration {it + 1} skipped: {e}")
+                skip_iteration(st, state, it, "PPO", e)
                 continue
             stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase,
                                on_step=lambda step_stats: st.skipped(step_stats, it + 1), parking=parking)
             kl_ctl.update(exp.seq_kl, B)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device, rewards, roles)
-            row.update({f"loss_scale_{r}": roles.engines[r].scalers[r].get_scale()  # fp16 only
-                        for r in ("actor", "critic") if r in roles.engines[r].scalers})
+            row.update(loss_scales(roles, ("actor", "critic")))
             st.log(postfix={"reward": row["reward_mean"], "kl": row["kl"]}, **row)
             state["rewards"].append(row["reward_mean"])
             state.setdefault("kls", []).append(row["kl"])
             state["iter_seconds"].append(sum(times.values()))
-        if state["skipped"] == cfg.iterations:
-            raise UserError(f"every PPO iteration was skipped because the reward failed ({cfg.iterations} of "
-                            f"{cfg.iterations}; last: {state.get('skip_reason', '?')}); fix the reward and re-run")
+        check_not_all_skipped(state, cfg.iterations, "PPO")
         eval_after = score_policy(roles, held, eval_fn, tok, cfg, use_reference=False) if held and eval_fn else None
 
         # ---- save -----------------------------------------------------------------------------

@@ -34,6 +34,28 @@ def check_rollout(rollout_batch: int, per_prompt: int, flag: str = "--samples-pe
         raise UserError(f"{flag} {k} must divide --rollout-batch {B}: use --rollout-batch {max(B - B % k, k)}")
 
 
+def skip_iteration(st, state: dict, iteration: int, title: str, error: Exception) -> None:
+    """A reward that failed (`RewardError`): the iteration is logged as skipped, never trained on,
+    and counted; `check_not_all_skipped` refuses a run where every iteration was."""
+    state["skipped"] += 1
+    state["skip_reason"] = str(error)
+    st.log(iteration=iteration + 1, skipped=True, reason=str(error))
+    st.say(f"{title} iteration {iteration + 1} skipped: {error}")
+
+
+def check_not_all_skipped(state: dict, iterations: int, title: str) -> None:
+    """One line (and no finished stage) when the reward failed on every iteration."""
+    if state["skipped"] == iterations:
+        raise UserError(f"every {title} iteration was skipped because the reward failed ({iterations} of "
+                        f"{iterations}; last: {state.get('skip_reason', '?')}); fix the reward and re-run")
+
+
+def loss_scales(roles: Roles, trained: tuple[str, ...]) -> dict[str, float]:
+    """fp16 only: each trained adapter's current loss scale, for the metrics row."""
+    return {f"loss_scale_{r}": roles.engines[r].scalers[r].get_scale() for r in trained
+            if r in roles.engines[r].scalers}
+
+
 def eval_function(eval_reward: str | None, rewards: RewardSet):
     """The held-out scorer: --eval-reward, else the training reward when it is a function."""
     if eval_reward:
@@ -111,4 +133,4 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-__all__ = ["check_rollout", "eval_function", "score_policy", "rollout_sampler", "component_means", "timed", "mean"]
+__all__ = ["check_rollout", "skip_iteration", "check_not_all_skipped", "loss_scales", "eval_function", "score_policy", "rollout_sampler", "component_means", "timed", "mean"]
