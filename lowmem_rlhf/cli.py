@@ -151,7 +151,8 @@ def print_plan(p) -> None:
             row.append(_gib(getattr(e, fig)) if e else "-")
         if p.target == "cuda":
             row.append(_gib(max(e.cpu_ram for e in c.estimates.values())) if c.estimates else "-")
-        row.append(("[green]fits[/green] " if c.fits else "[red]no[/red]: ") + (c.reason if not c.fits else ""))
+        row.append(("[green]fits[/green] " if c.fits and c.profile.is_lora else "[yellow]fits[/yellow], estimated only"
+                    if c.fits else "[red]no[/red]: ") + (c.reason if not c.fits else ""))
         t.add_row(*row)
     console.print(t)
     chosen = p.chosen
@@ -537,6 +538,7 @@ def ppo(
     kl_horizon: int = option(PPOConfig, "kl_horizon"),
     temperature: float = option(PPOConfig, "temperature"),
     top_p: float = option(PPOConfig, "top_p"),
+    sampler_logprobs: bool = option(PPOConfig, "sampler_logprobs"),
     missing_eos_penalty: Optional[float] = option(PPOConfig, "missing_eos_penalty"),
     reward_norm: bool = option(PPOConfig, "reward_norm"),
     eval_prompts: Optional[str] = option(PPOConfig, "eval_prompts"),
@@ -546,6 +548,7 @@ def ppo(
     resume: bool = option(PPOConfig, "resume"),
     save_every: int = option(PPOConfig, "save_every"),
     max_nonfinite: int = option(PPOConfig, "max_nonfinite"),
+    threads: int = option(PPOConfig, "threads"),
     max_vram: Optional[float] = option(PPOConfig, "max_vram"),
     generation_batch: Optional[int] = typer.Option(None, "--generation-batch", help="rollout rows sampled at once "
                                                    "(default: the planner's, or the profile's; 0: the whole rollout)"),
@@ -559,7 +562,7 @@ def ppo(
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
               response_len=response_len, ppo_epochs=ppo_epochs, minibatches=minibatches,
               samples_per_prompt=samples_per_prompt)
-    _not_negative(save_every=save_every)
+    _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
     _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
     from lowmem_rlhf.algo.rewards import parse_weights
@@ -603,6 +606,7 @@ def grpo(
     clip: float = option(GRPOConfig, "clip"),
     temperature: float = option(GRPOConfig, "temperature"),
     top_p: float = option(GRPOConfig, "top_p"),
+    sampler_logprobs: bool = option(GRPOConfig, "sampler_logprobs"),
     missing_eos_penalty: Optional[float] = option(GRPOConfig, "missing_eos_penalty"),
     eval_prompts: Optional[str] = option(GRPOConfig, "eval_prompts"),
     eval_reward: Optional[str] = option(GRPOConfig, "eval_reward"),
@@ -611,6 +615,7 @@ def grpo(
     resume: bool = option(GRPOConfig, "resume"),
     save_every: int = option(GRPOConfig, "save_every"),
     max_nonfinite: int = option(GRPOConfig, "max_nonfinite"),
+    threads: int = option(GRPOConfig, "threads"),
     max_vram: Optional[float] = option(GRPOConfig, "max_vram"),
     generation_batch: Optional[int] = typer.Option(None, "--generation-batch", help="rollout rows sampled at once "
                                                    "(default: the planner's, or the profile's; 0: the whole rollout)"),
@@ -625,7 +630,7 @@ def grpo(
 
     _positive(iterations=iterations, rollout_batch=rollout_batch, prompt_len=prompt_len,
               response_len=response_len, epochs=epochs, minibatches=minibatches)
-    _not_negative(save_every=save_every)
+    _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
     _choice(algo=algo, loss_agg=loss_agg, lr_schedule=lr_schedule, cls=GRPOConfig)
     weights = parse_weights(reward_weights)
@@ -792,6 +797,7 @@ def sft(
     resume: bool = option(SFTConfig, "resume"),
     save_every: int = option(SFTConfig, "save_every"),
     max_nonfinite: int = option(SFTConfig, "max_nonfinite"),
+    threads: int = option(SFTConfig, "threads"),
     max_vram: Optional[float] = option(SFTConfig, "max_vram"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(SFTConfig, "trust_remote_code"),
@@ -800,7 +806,7 @@ def sft(
     from lowmem_rlhf.stages.sft import run_sft
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    _not_negative(save_every=save_every)
+    _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
     prof = _stage_profile(profile, model, "sft", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code, max_vram)
     console.print(f"SFT with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/sft")
@@ -825,6 +831,7 @@ def rm(
     resume: bool = option(RMConfig, "resume"),
     save_every: int = option(RMConfig, "save_every"),
     max_nonfinite: int = option(RMConfig, "max_nonfinite"),
+    threads: int = option(RMConfig, "threads"),
     max_vram: Optional[float] = option(RMConfig, "max_vram"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="plan for this GPU preset instead of the detected one"),
     trust_remote_code: bool = option(RMConfig, "trust_remote_code"),
@@ -833,7 +840,7 @@ def rm(
     from lowmem_rlhf.stages.rm import run_rm
 
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
-    _not_negative(save_every=save_every)
+    _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
     prof = _stage_profile(profile, model, "rm", _shape(max_len, batch, 256, 256, 8), gpu, trust_remote_code, max_vram)
     console.print(f"RM with profile {prof.name} (micro-batch {prof.micro_batch}) -> {out}/rm")

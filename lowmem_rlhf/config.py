@@ -77,6 +77,7 @@ class Profile:
     attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     micro_batch: int = 4  # the planner lowers it to fit; accumulation follows from the stage's batch
     generation_batch: int = 0  # PPO: rollout rows sampled at once (0: the whole rollout); the planner lowers it to fit
+    static_cache: bool = False  # RL generation with transformers' static (preallocated) KV cache: the GPU fast path
     learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -280,6 +281,8 @@ class StageConfig:
                                         "no more (rehearse a 24 GiB card on a bigger one)")
     max_nonfinite: int = knob(3, "stop the stage after this many optimizer steps in a row skipped for a NaN/inf "
                                  "loss or gradient (each skipped step leaves the adapter unchanged)")
+    threads: int = knob(0, "CPU threads for torch (0: the cores other processes leave free, re-checked "
+                           "every step; runtime/threads.py)")
 
 
 @dataclass
@@ -329,6 +332,9 @@ class RLConfig(StageConfig):
     clip: float = knob(0.2, "policy ratio clip range")
     temperature: float = knob(1.0, "sampling temperature")
     top_p: float = knob(1.0, "nucleus sampling threshold")
+    sampler_logprobs: bool = knob(True, "fp32 models: the rollout's old log-probs and entropies come from the sampler "
+                                        "instead of a second actor forward (they differ by the KV cache's float "
+                                        "rounding, under 1e-4 nats)")
     missing_eos_penalty: float | None = knob(None, "subtract this from the score of a response cut at "
                                                    "--response-len before any EOS (default: off)")
     eval_prompts: str | None = knob(None, "held-out prompts scored before and after (greedy)")

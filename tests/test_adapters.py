@@ -222,3 +222,37 @@ def test_loading_fails_loudly(tiny_llama, tiny_gpt2, tmp_path):
     save_file(sd, str(f))
     with pytest.raises(UserError, match="missing from the file"):
         engine(tiny_llama).load_adapter("sft", tmp_path / "sft")
+
+
+def test_fast_switch_leaves_the_state_peft_would(tiny_llama):
+    """Issue 17: `use()` and `reference()` touch only the adapter layers found once, not every
+    module. After each switch the outputs, the heads' values, every parameter's requires_grad and
+    peft's active adapter are what peft's own set_adapter / disable_adapter leave."""
+    eng = engine(tiny_llama, "lora-bf16-shared", dtype="fp32", lora_dropout=0.0)
+    eng.add_adapter("critic", with_head=True)
+    eng.add_adapter("reward", with_head=True)
+    eng.add_adapter("actor")
+    for i, name in enumerate(("critic", "reward", "actor")):
+        perturb(eng, name, seed=i)
+
+    def state():
+        h = eng.hidden_states(IDS, AM)
+        return (h, eng.scalar(h) if eng.heads.get(eng.active) else None,
+                {n: p.requires_grad for n, p in eng.model.named_parameters()}, eng.peft.active_adapter)
+
+    with torch.no_grad():
+        for name in ("critic", "actor", "reward", "critic", "actor"):
+            eng.use(name)
+            ours = state()
+            eng.peft.set_adapter(name)  # peft's own switch, walking every module
+            theirs = state()
+            assert torch.equal(ours[0], theirs[0]) and ours[2] == theirs[2] and ours[3] == theirs[3] == name
+            assert (ours[1] is None) == (theirs[1] is None) and (ours[1] is None or torch.equal(ours[1], theirs[1]))
+        before = state()
+        with eng.reference():
+            ref = eng.hidden_states(IDS, AM)
+        with eng.peft.disable_adapter():
+            assert torch.equal(ref, eng.hidden_states(IDS, AM))
+        after = state()
+        assert not torch.equal(ref, before[0])  # the reference really is the bare base
+        assert torch.equal(after[0], before[0]) and after[2] == before[2] and after[3] == before[3]

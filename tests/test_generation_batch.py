@@ -149,3 +149,27 @@ def test_the_simulation_of_the_8gb_plan_agrees_with_the_estimate():
         assert abs(ph.drift) <= 0.10, (ph.name, ph.drift)
     kv4 = kv_cache_bytes(load_spec("llama-2-7b"), prof.for_rl(), 4, 512)
     assert sim.kv_cache == pytest.approx(kv4, rel=0.05)
+
+
+def test_static_kv_cache_samples_the_same_rollout(byte_llama):
+    """Issue 17: the profile knob static_cache (transformers' preallocated KV cache, the path
+    torch.compile needs on a GPU) samples the very tokens of the dynamic cache, with the same
+    kept log-probs (fp32, the same seeds, chunked or not)."""
+    from dataclasses import replace
+
+    from lowmem_rlhf.algo.experience import generate_in_chunks
+    from lowmem_rlhf.config import load_profile
+    from lowmem_rlhf.model.adapters import SharedBase
+    from lowmem_rlhf.model.loading import load_model
+
+    out = {}
+    for static in (False, True):
+        prof = replace(load_profile("lora-bf16-shared"), dtype="fp32", lora_r=8, lora_dropout=0.0, static_cache=static)
+        eng = SharedBase(load_model(str(byte_llama), prof), prof)
+        eng.add_adapter("actor")
+        prompts = [list(range(3, 3 + n)) for n in (4, 9, 6)]
+        out[static] = generate_in_chunks(eng, prompts, eng.loaded.tokenizer, 10, 1.0, 1.0, 2, seeds=[5, 6, 7],
+                                         record=True)
+    assert torch.equal(out[True].seqs, out[False].seqs) and torch.equal(out[True].mask, out[False].mask)
+    assert out[True].response_mask.sum() > 10
+    assert (out[True].logprobs - out[False].logprobs).abs().max() < 1e-5

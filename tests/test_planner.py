@@ -6,7 +6,7 @@ from lowmem_rlhf.config import Shape, load_all_profiles
 from lowmem_rlhf.plan.estimator import GIB
 from lowmem_rlhf.plan.hardware import resolve_hardware
 from lowmem_rlhf.plan.model_spec import load_spec
-from lowmem_rlhf.plan.planner import SAFETY_MARGIN, advice, plan
+from lowmem_rlhf.plan.planner import SAFETY_MARGIN, advice, choose_profile, plan
 
 
 def _plan(model, stages=("sft", "rm", "ppo"), shape=None, **hw):
@@ -76,3 +76,38 @@ def test_zero3_only_where_it_is_the_best_fit():
     p = _plan("llama-2-13b", vram_gib=6, ram_gib=64)
     z = next(c for c in p.candidates if c.profile.name == "zero3-offload")
     assert not z.fits and "PPO" in z.reason
+
+
+def test_plan_and_every_stage_pick_the_same_profile():
+    """Issue 17: `lowmem-rlhf plan --stages S` and stage S without --profile (`cli._stage_profile`,
+    i.e. `choose_profile`) name the same profile for the same machine and shape. A profile the
+    stages do not run (full-bf16) may fit and is listed, never chosen: `plan --stages ppo` on a
+    CPU used to name full-bf16 while `ppo` ran lora-bf16-shared."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowmem_rlhf.cli import _stage_profile, app
+
+    shape = ["--seq-len", "512", "--batch", "16", "--prompt-len", "128", "--response-len", "32", "--rollout-batch", "8"]
+    seen = set()
+    for model, gpu in (("smollm2-135m", None), ("llama-2-7b", "3090"), ("llama-2-7b", "4060-8gb")):
+        for stage in ("sft", "rm", "ppo", "grpo"):
+            algo = ["--algo", stage, "--stages", "ppo"] if stage in ("ppo", "grpo") else ["--stages", stage]
+            r = CliRunner().invoke(app, ["plan", "--model", model, *(["--gpu", gpu] if gpu else []), *shape, *algo,
+                                         "--json"])
+            assert r.exit_code == 0, r.output
+            planned = json.loads(r.output)
+            sh = Shape(seq_len=512, batch=16, prompt_len=128, response_len=32, rollout_batch=8)
+            if model == "smollm2-135m":  # the stage's own path, model loading included
+                picked = _stage_profile(None, model, stage, sh, gpu)
+            else:  # a planning preset, no weights to load: what _stage_profile calls once it has the spec
+                picked = choose_profile(load_spec(model), resolve_hardware(gpu=gpu), sh, load_all_profiles(),
+                                        (stage,)).profile
+            assert planned["chosen"]["profile"] == picked.name, (model, gpu, stage)
+            assert planned["chosen"]["micro_batch"] == picked.micro_batch, (model, gpu, stage)
+            seen.add(picked.name)
+            if gpu is None:  # the CPU: full-bf16 fits and is ranked first, but is estimated only
+                full = [c for c in planned["candidates"] if c["profile"] == "full-bf16"]
+                assert full and full[0]["fits"] and "estimated only" in full[0]["reason"]
+    assert len(seen) >= 2  # the machines differ enough to pick different profiles

@@ -15,7 +15,10 @@ from lowmem_rlhf.algo import ppo_math as M
 from lowmem_rlhf.algo.experience import (
     Experience,
     adjust_scores,
+    entropy_of,
     generate,
+    generate_in_chunks,
+    logprobs_at_sampling,
     logprobs_of,
     response_hidden,
     stop_ids,
@@ -97,6 +100,77 @@ def test_logprobs_follow_the_sampling_temperature(byte_llama):
             ref = torch.log_softmax(logits / t, -1).gather(-1, ids[:, 5:, None]).squeeze(-1)
             assert (ours.double() - ref).abs().max() < 1e-4, t
         assert (logprobs_of(eng, h, ids[:, 5:], 0.7) - logprobs_of(eng, h, ids[:, 5:], 1.0)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_log_probs_kept_at_sampling_equal_the_scoring_forward(byte_llama, temperature, top_p):
+    """Issue 17: on an fp32 model the rollout's old log-probs and entropies come from the sampler
+    instead of a second actor forward. They equal the scoring forward's (`logprobs_of`,
+    `entropy_of`) on every response token within 1e-5, at any temperature and top-p, also when
+    the rollout is sampled in chunks; the tokens are the ones sampled without recording.
+    Within 1e-4, not bit for bit: the sampler's logits come through the KV cache, whose float
+    rounding differs from one forward over the whole sequence (measured here: 3.4e-5 nats at
+    most, logits up to 12.6; the scoring forward itself matches `log_softmax(model(...).logits)`
+    within 3.3e-6, and any batch split of the scoring forward exactly).
+    `--no-sampler-logprobs` keeps the scoring forward (ratio 1 within 1e-5: the test above).""" 
+    prof = replace(_fp32_profile(), lora_dropout=0.0)
+    eng = SharedBase(load_model(str(byte_llama), prof), prof)
+    eng.add_adapter("actor")
+    with torch.no_grad():  # a non-zero LoRA: the actor differs from the base
+        for n, p in eng.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    assert logprobs_at_sampling(eng)
+    tok = eng.loaded.tokenizer
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 7, 12)]
+    seeds = [11, 12, 13, 14]
+    plain = generate(eng, prompts, tok, 8, temperature, top_p, seeds=seeds)
+    kept = generate_in_chunks(eng, prompts, tok, 8, temperature, top_p, 2, seeds=seeds, record=True)
+    assert plain.logprobs is None and torch.equal(kept.response, plain.response)
+    P, m = kept.seqs.shape[1] - 8, kept.response_mask.bool()
+    eng.model.eval()
+    with torch.no_grad():
+        h = response_hidden(eng, kept.seqs, kept.mask, P)
+        lp, ent = logprobs_of(eng, h, kept.response, temperature), entropy_of(eng, h, temperature)
+    assert m.sum() > 8
+    assert (kept.logprobs - lp)[m].abs().max() < 1e-4
+    assert (kept.entropy - ent)[m].abs().max() < 1e-4
+    assert kept.logprobs[m].max() < 0 and kept.entropy[m].min() > 0
+
+
+def test_log_probs_are_not_kept_where_sampling_rounds_differently(byte_llama, tmp_path):
+    """16-bit and 4-bit bases compute the sampler's logits in 16 bits (up to 0.04 nats off): the
+    scoring forward stays. So does a generation config that changes the logits first."""
+    bf16 = replace(load_profile("lora-bf16-shared"), lora_r=8)
+    eng = SharedBase(load_model(str(byte_llama), bf16), bf16)
+    eng.add_adapter("actor")
+    assert not logprobs_at_sampling(eng)
+    prof = _fp32_profile()
+    eng = SharedBase(load_model(str(byte_llama), prof), prof)
+    eng.add_adapter("actor")
+    assert logprobs_at_sampling(eng)
+    eng.loaded.model.generation_config.repetition_penalty = 1.3
+    assert not logprobs_at_sampling(eng)
+
+
+@pytest.mark.slow
+def test_fp32_ppo_skips_the_actor_scoring_forward_and_stays_on_policy(byte_llama, tmp_path):
+    """An fp32 PPO run takes old log-probs from the sampler: the actor runs once for generation
+    and once per update minibatch, never in scoring; the first minibatch's ratio is 1 within the
+    KV cache's rounding (1e-4, the test above) with nothing clipped, in every iteration (KL on,
+    temperature 0.7). With --no-sampler-logprobs the actor's scoring forward is back (one more
+    activation per iteration) and the ratio is 1 within 1e-5."""
+    for kept in (True, False):
+        out = tmp_path / str(kept)
+        run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=out, profile=_fp32_profile(),
+                          iterations=3, rollout_batch=8, prompt_len=48, response_len=6, ppo_epochs=2, lr=1e-2,
+                          reward=f"{REWARDS}:ascii_share", temperature=0.7, progress=False, sampler_logprobs=kept))
+        rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:  # generation + (scoring: 2 micro-batches of 4) + 2 epochs x 1 minibatch
+            assert r["forwards_actor"] == 1 + (0 if kept else 2) + 2, r
+            assert r["first_max_abs_log_ratio"] < (1e-4 if kept else 1e-5), r
+            assert r["first_clip_frac"] == 0.0, r
+        assert rows[-1]["approx_kl"] > 0
 
 
 def _tiny_gemma2(folder: Path, softcap: float) -> Path:

@@ -90,6 +90,19 @@ def test_plain_progress_lines_when_output_is_not_a_terminal():
     assert out.getvalue() == ""
 
 
+def test_plain_progress_speaks_during_a_long_step():
+    """A step longer than `every` still prints a line every `every` seconds (issue 17: an SFT step
+    on a CPU took minutes and nothing showed in a log)."""
+    out = io.StringIO()
+    bar = PlainProgress(total=3, desc="SFT", every=0.2, stream=out)
+    bar.update(1)  # sooner than `every`: quiet
+    time.sleep(0.7)  # the second step runs long
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and lines[0].startswith("SFT: 1/3 steps (33%)"), lines
+    assert all(x.endswith("step 2 running") for x in lines), lines
+
+
 def test_nothing_fits_is_exit_code_1_from_the_planner_and_the_stages():
     spec, hw = load_spec("llama-2-13b"), resolve_hardware(vram_gib=4)
     with pytest.raises(NoFit) as e:

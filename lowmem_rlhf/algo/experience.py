@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -47,6 +46,8 @@ class Rollout:
     prompts: list[str]
     texts: list[str]
     ended: torch.Tensor | None = None  # (B,) bool: the response reached an EOS (None: all did)
+    logprobs: torch.Tensor | None = None  # (B, R) fp32 log-probs of the sampled tokens, kept by the sampler
+    entropy: torch.Tensor | None = None  # (B, R) fp32 entropy at each step, kept with them (None: not kept)
 
     def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sequences, attention mask) of the rows `idx` (a slice or a list of indices)."""
@@ -108,21 +109,51 @@ def ended_rows(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     return torch.isin(response, torch.tensor(eos_ids, device=response.device)).any(-1)
 
 
+# generation-config settings whose logits processors change the distribution greedy search reads
+LOGIT_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                    "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
+                    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def logprobs_at_sampling(engine: SharedBase) -> bool:
+    """Whether the sampler's log-probs (`RowGumbelSampler(record=True)`) are the ones the actor's
+    scoring forward would compute, so that forward can be skipped: an fp32 model without
+    quantization (16-bit logits are off by up to 0.04 nats: the scoring forward takes them in
+    fp32 from fp32 products), and no generation-config processor changing the logits before the
+    sampler (repetition penalty and the like). The model's own logit map (softcapping, scale) is in
+    the logits transformers passes to the sampler, temperature is applied there."""
+    prof = engine.profile
+    if prof.dtype != "fp32" or prof.quant != "none":
+        return False
+    _, out = output_layer(engine.loaded.model)
+    if out.weight.dtype != torch.float32:
+        return False
+    gen = getattr(engine.loaded.model, "generation_config", None)
+    return gen is None or all(getattr(gen, k, v) in (v, None) for k, v in LOGIT_PROCESSORS.items())
+
+
 @torch.no_grad()
 def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
              top_p: float, greedy: bool = False, prompt_texts: list[str] | None = None,
-             seeds: list[int] | None = None) -> Rollout:
+             seeds: list[int] | None = None, record: bool = False) -> Rollout:
     """Sample responses with whatever adapter is active (or none, inside engine.reference()).
     seeds: one per row (`algo.sampling`): row b samples from its own stream, so the same rows
-    sampled in other chunks give the same responses (default: drawn from torch's global RNG)."""
+    sampled in other chunks give the same responses (default: drawn from torch's global RNG).
+    record: keep the sampled tokens' log-probs and entropies at `temperature` (Rollout.logprobs,
+    .entropy; only where `logprobs_at_sampling` says they equal the scoring forward's)."""
     engine.model.eval()
     batch = collate_left(prompt_ids, tok.pad_token_id)
     device = engine.loaded.device
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     kwargs: dict = dict(do_sample=False, num_beams=1)  # greedy search; sampling is the row sampler's argmax
+    if engine.profile.static_cache:  # preallocated for prompt + max_new (the size the estimator charges)
+        kwargs["cache_implementation"] = "static"
+    sampler = None
     if not greedy:
         seeds = row_seeds(len(prompt_ids)) if seeds is None else seeds
-        kwargs["logits_processor"] = LogitsProcessorList([RowGumbelSampler(seeds, temperature, top_p, device)])
+        sampler = RowGumbelSampler(seeds, temperature, top_p, device, record=record)
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
     eos = stop_ids(engine.model, tok)
     out = engine.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new, use_cache=True,
                                 pad_token_id=tok.pad_token_id, eos_token_id=eos, **kwargs)
@@ -135,12 +166,13 @@ def generate(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int,
     mask = torch.cat([am, rmask.long()], 1)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, rmask)]
     engine.model.train()
-    return Rollout(seqs, mask, response, rmask, prompt_texts or [], texts, ended_rows(response, eos))
+    lp, ent = sampler.recorded(max_new) if sampler is not None and record else (None, None)
+    return Rollout(seqs, mask, response, rmask, prompt_texts or [], texts, ended_rows(response, eos), lp, ent)
 
 
 def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max_new: int, temperature: float,
                        top_p: float, chunk: int, prompt_texts: list[str] | None = None,
-                       seeds: list[int] | None = None) -> Rollout:
+                       seeds: list[int] | None = None, record: bool = False) -> Rollout:
     """`generate` over chunks of `chunk` prompts, joined into one rollout: each chunk's left-padded
     prompts are padded further on the left to the longest prompt of all (mask 0 there, positions
     from the mask, so nothing else changes). (B, P + R) like one batched call; with the same
@@ -148,8 +180,10 @@ def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max
     batch shapes: tests/test_generation_batch.py)."""
     seeds = row_seeds(len(prompt_ids)) if seeds is None else seeds
     if chunk >= len(prompt_ids):
-        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts, seeds=seeds)
-    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p, seeds=seeds[i: i + chunk])
+        return generate(engine, prompt_ids, tok, max_new, temperature, top_p, prompt_texts=prompt_texts, seeds=seeds,
+                        record=record)
+    parts = [generate(engine, prompt_ids[i: i + chunk], tok, max_new, temperature, top_p, seeds=seeds[i: i + chunk],
+                      record=record)
              for i in range(0, len(prompt_ids), chunk)]
     P = max(r.seqs.shape[1] - max_new for r in parts)
 
@@ -159,7 +193,9 @@ def generate_in_chunks(engine: SharedBase, prompt_ids: list[list[int]], tok, max
     return Rollout(torch.cat([left(r.seqs, tok.pad_token_id) for r in parts]),
                    torch.cat([left(r.mask, 0) for r in parts]),
                    torch.cat([r.response for r in parts]), torch.cat([r.response_mask for r in parts]),
-                   prompt_texts or [], [t for r in parts for t in r.texts], torch.cat([r.ended for r in parts]))
+                   prompt_texts or [], [t for r in parts for t in r.texts], torch.cat([r.ended for r in parts]),
+                   torch.cat([r.logprobs for r in parts]) if record else None,
+                   torch.cat([r.entropy for r in parts]) if record else None)
 
 
 def response_hidden(engine: SharedBase, seqs: torch.Tensor, mask: torch.Tensor | None, P: int) -> torch.Tensor:
@@ -205,6 +241,8 @@ def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_
     stage has no dropout, so these are the forwards the update repeats with gradients).
     Log-probs and entropy are those of the distribution sampled at `temperature`.
     critic / reference False: that role's forward is not run (GRPO: no critic; --beta 0: no reference).
+    A rollout whose sampler kept its log-probs (`logprobs_at_sampling`) skips the actor's forward:
+    old log-probs and entropy are the sampler's.
     stage: the RL stage's name in the fault-injection switch.
     -> scores (B,) (zeros without a reward model), ref_lp, old_lp, values, entropy (B, R); ref_lp
     and values None where their role did not run."""
@@ -212,7 +250,9 @@ def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_
     P = ro.seqs.shape[1] - R
     device = ro.seqs.device
     scores = torch.zeros(B, device=device)
-    old_lp, entropy = torch.zeros(B, R, device=device), torch.zeros(B, R, device=device)
+    sampled = ro.logprobs is not None
+    old_lp, entropy = (ro.logprobs, ro.entropy) if sampled else (torch.zeros(B, R, device=device),
+                                                                  torch.zeros(B, R, device=device))
     ref_lp = torch.zeros(B, R, device=device) if reference else None
     values = torch.zeros(B, R, device=device) if critic else None
     for s in range(0, B, size):
@@ -225,10 +265,11 @@ def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_
         if reference:
             with roles.role("reference") as eng:
                 ref_lp[sl] = logprobs_of(eng, response_hidden(eng, seqs, am, P), ro.response[sl], temperature)
-        with roles.role("actor") as eng:
-            h = response_hidden(eng, seqs, am, P)
-            old_lp[sl] = logprobs_of(eng, h, ro.response[sl], temperature)
-            entropy[sl] = entropy_of(eng, h, temperature)
+        if not sampled:
+            with roles.role("actor") as eng:
+                h = response_hidden(eng, seqs, am, P)
+                old_lp[sl] = logprobs_of(eng, h, ro.response[sl], temperature)
+                entropy[sl] = entropy_of(eng, h, temperature)
         if critic:
             with roles.role("critic") as eng:
                 values[sl] = eng.scalar(response_hidden(eng, seqs, am, P))
@@ -268,9 +309,8 @@ def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, reward
     weighted sum. A failing program raises `RewardError` (the stage skips the iteration)."""
     with phase("generation"), roles.role("actor"):
         ro = gen_mb.run(iteration, sample, lambda: None)
-    gc.collect()
     if ro.seqs.device.type == "cuda":
-        torch.cuda.empty_cache()  # the generation cache is gone before scoring
+        torch.cuda.empty_cache()  # the generation cache's blocks go back before scoring (no gc: nothing cycles)
     try:
         with phase("scoring"), torch.no_grad():
             roles.train(False)
@@ -311,4 +351,4 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
 
 __all__ = ["Rollout", "Experience", "Scored", "stage_key", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",
            "response_mask", "response_hidden", "logprobs_of", "entropy_of", "logit_map", "stop_ids", "ended_rows",
-           "adjust_scores"]
+           "adjust_scores", "logprobs_at_sampling"]

@@ -1,41 +1,89 @@
 """Measured peak memory per phase: the numbers reported beside the estimator's.
 
-GPU: `torch.cuda.max_memory_allocated` / `max_memory_reserved`, and the device's used memory as
-nvidia-smi sees it (total - free from cudaMemGetInfo). Host RAM, on either device: the process's
-peak resident set size (VmHWM), reset at the start of each phase through /proc/self/clear_refs, so
-it is that phase's peak (where the kernel refuses the reset, it is the process's peak so far).
+GPU: `torch.cuda.max_memory_allocated` / `max_memory_reserved` (the allocator's own counters,
+reset at each phase start), and the device's used memory as nvidia-smi sees it (total - free from
+cudaMemGetInfo). Host RAM, on either device: the resident set size sampled every few milliseconds
+from a thread while a phase runs (and at its start and end); the maximum is that phase's peak.
+
+The process's own high-water mark (VmHWM, what `/usr/bin/time -v` and `ru_maxrss` report) is never
+reset, so those tools stay true for the whole run. Nothing here collects garbage or synchronizes
+the device on the hot path: the counters are read as the allocator keeps them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
+import ctypes
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
 
+SAMPLE_SECONDS = 0.005  # RSS sampling period inside a phase
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-def _vm_hwm() -> int:
+
+def rss() -> int:
+    """The process's resident set size now, bytes (/proc/self/statm; psutil elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return psutil.Process().memory_info().rss
+        return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return psutil.Process().memory_info().rss
 
 
-def _reset_hwm() -> None:
-    """Return freed heap to the OS first (glibc keeps it, and RSS with it), then reset VmHWM, so a
-    phase's peak is that phase's, not the high-water mark of memory freed long ago."""
+def _trim() -> None:
+    """Return freed heap to the OS (glibc keeps it, and RSS with it), so a phase's sampled peak is
+    what that phase holds, not memory freed long ago. It does not touch VmHWM."""
     with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+
+
+class RssSampler:
+    """One daemon thread per process sampling RSS while any window is open; `open()` -> a token,
+    `close(token)` -> the largest RSS seen since that window opened."""
+
+    def __init__(self, period: float = SAMPLE_SECONDS):
+        self.period = period
+        self.windows: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.next_token = 0
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            now = rss()
+            with self.lock:
+                if not self.windows:
+                    self.wake.clear()
+                    continue
+                for k, v in self.windows.items():
+                    if now > v:
+                        self.windows[k] = now
+            time.sleep(self.period)
+
+    def open(self) -> int:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="lowmem-rss", daemon=True)
+                self.thread.start()
+            self.next_token += 1
+            self.windows[self.next_token] = rss()
+            self.wake.set()
+            return self.next_token
+
+    def close(self, token: int) -> int:
+        now = rss()
+        with self.lock:
+            return max(self.windows.pop(token, 0), now)
+
+
+SAMPLER = RssSampler()
 
 
 @dataclass
@@ -47,27 +95,26 @@ class MemoryMeter:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        gc.collect()
         if self.device == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        _reset_hwm()  # on CUDA too: the host figure of a phase is that phase's, not the process's peak
+        _trim()
+        token = SAMPLER.open()
         try:
             yield
         finally:
-            self.peaks[name] = self._merge(self.peaks.get(name), self.read())
+            host = SAMPLER.close(token)
+            self.peaks[name] = self._merge(self.peaks.get(name), self.read(host))
 
-    def read(self) -> dict[str, int]:
+    def read(self, host: int | None = None) -> dict[str, int]:
+        host = rss() if host is None else host
         if self.device == "cuda":
-            torch.cuda.synchronize()
             free, total = torch.cuda.mem_get_info()
             return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
-                    "device": total - free, "cpu_ram": _vm_hwm()}
-        return {"cpu_ram": _vm_hwm()}
+                    "device": total - free, "cpu_ram": host}
+        return {"cpu_ram": host}
 
     @staticmethod
     def _merge(old: dict | None, new: dict) -> dict:
         if not old:
             return new
         return {k: max(old.get(k, 0), v) for k, v in new.items()}
-

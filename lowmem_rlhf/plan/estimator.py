@@ -549,7 +549,7 @@ def _rl_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head:
     # generation_batch rows at a time (each chunk's cache is freed before the next chunk starts)
     G = generation_rows(profile, B)
     gen = dict(static)
-    gen["kv_cache"] = kv_cache_bytes(spec, profile, G, S)
+    gen["kv_cache"] = kv_cache_bytes(spec, profile, G, S)  # full length: also what a static cache (profile.static_cache) preallocates
     gen["transient"] = max(layer_forward_transient(spec, profile, G * P), 0) + G * P * spec.hidden_size * p
     # last-token logits (16-bit, their fp32 copy, the warped fp32 scores) and the row sampler's fp32
     # noise buffer (algo/sampling.py; its output replaces the warped scores)

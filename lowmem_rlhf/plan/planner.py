@@ -64,7 +64,9 @@ class Plan:
 
     @property
     def chosen(self) -> Candidate | None:
-        return next((c for c in self.candidates if c.fits), None)
+        """The first (best-ranked) profile that fits and that the stages run (`runnable_profiles`):
+        what every stage picks for the same machine and shape."""
+        return next((c for c in self.candidates if c.fits and c.profile.is_lora), None)
 
     @property
     def target(self) -> str:
@@ -207,8 +209,10 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
             best.levers = levers(spec, best, shape, hw)
         if not best.fits:
             best.reason += ", even at micro-batch 1" + (" and generation batch 1" if _generation_bound(best, hw) else "")
+        if best.fits and not best.profile.is_lora:
+            best.reason += "; estimated only: the stages of this version run LoRA profiles"
         result.candidates.append(best)
-        if best.fits:
+        if best.fits and best.profile.is_lora:
             break
     return result
 
@@ -251,7 +255,8 @@ def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
 
 def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                    stages: tuple[str, ...]) -> Candidate:
-    """The planner's pick among runnable profiles, or a one-line NoFit error with advice."""
+    """The planner's pick (`Plan.chosen`, as `lowmem-rlhf plan` shows it), or a one-line NoFit
+    error with advice."""
     p = plan(spec, hw, shape, runnable_profiles(profiles), stages)
     if p.chosen is None:
         raise no_fit(p)

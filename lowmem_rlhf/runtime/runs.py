@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -198,7 +199,8 @@ def progress_bar(total: int, desc: str, enabled: bool, every: float = 30.0):
 class PlainProgress:
     """The progress bar's interface (update, set_postfix, close) as plain lines on stdout, beside
     the stage's other output (stderr stays for errors): `SFT: 12/50 steps (24%), 41 s, loss=1.234`,
-    every `every` seconds and, for work that took that long, once at the end."""
+    at least every `every` seconds, also in the middle of a long step (a daemon thread watches
+    the clock), and, for work that took that long, once at the end."""
 
     def __init__(self, total: int, desc: str, every: float = 30.0, stream=None):
         self.total, self.desc, self.every, self.n = total, desc, every, 0
@@ -206,6 +208,15 @@ class PlainProgress:
         self.postfix: dict[str, Any] = {}
         self.t0 = self.last = time.time()
         self.shown = 0  # the step count of the last line printed
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        if every > 0:
+            threading.Thread(target=self._watch, name="lowmem-progress", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.closed.wait(min(max(self.every / 4, 0.01), 5.0)):
+            if time.time() - self.last >= self.every:
+                self._line(running=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -216,15 +227,19 @@ class PlainProgress:
         self.postfix = {**(values or {}), **kw}
 
     def close(self) -> None:
+        self.closed.set()
         if time.time() - self.t0 >= self.every and self.shown != self.n:
             self._line()
 
-    def _line(self) -> None:
-        self.last, self.shown = time.time(), self.n
-        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
-        pct = 100 * self.n // max(self.total, 1)
-        print(f"{self.desc}: {self.n}/{self.total} steps ({pct}%), {self.last - self.t0:.0f} s{extra}",
-              file=self.stream, flush=True)
+    def _line(self, running: bool = False) -> None:
+        with self.lock:
+            self.last, self.shown = time.time(), self.n
+            extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+            if running and self.n < self.total:
+                extra += f", step {self.n + 1} running"
+            pct = 100 * self.n // max(self.total, 1)
+            print(f"{self.desc}: {self.n}/{self.total} steps ({pct}%), {self.last - self.t0:.0f} s{extra}",
+                  file=self.stream, flush=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -15,6 +15,7 @@ from lowmem_rlhf.algo.experience import (
     Rollout,
     generate,
     generate_in_chunks,
+    logprobs_at_sampling,
 )
 from lowmem_rlhf.algo.rewards import FunctionReward, RewardSet
 from lowmem_rlhf.algo.roles import Roles
@@ -92,12 +93,13 @@ def rollout_sampler(roles: Roles, prompt_ids: list[list[int]], prompt_texts: lis
     the same at any generation batch. Seeds are drawn here, once per iteration."""
     torch.manual_seed(cfg.seed * 100_003 + iteration)
     seeds = row_seeds(len(pick))
+    record = cfg.sampler_logprobs and logprobs_at_sampling(roles.engines["actor"])  # fp32: old log-probs kept
 
     def sample(size: int) -> Rollout:
         maybe_inject(f"{stage}-generation", iteration + 1, size)
         return generate_in_chunks(roles.engines["actor"], [prompt_ids[i] for i in pick], tok, cfg.response_len,
                                   cfg.temperature, cfg.top_p, size, prompt_texts=[prompt_texts[i] for i in pick],
-                                  seeds=seeds)
+                                  seeds=seeds, record=record)
 
     return sample
 

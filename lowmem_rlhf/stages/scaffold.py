@@ -44,6 +44,7 @@ from lowmem_rlhf.runtime.runs import (
     write_stage_config,
 )
 from lowmem_rlhf.runtime.stopping import StopOnSignal
+from lowmem_rlhf.runtime.threads import ThreadGovernor
 from lowmem_rlhf.runtime.trainer import make_trainer
 
 
@@ -66,6 +67,7 @@ class Stage:
     def __enter__(self) -> "Stage":
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
+        self.threads = ThreadGovernor(getattr(self.cfg, "threads", 0))  # torch threads = the free cores
         if self.cfg.max_vram is not None and cap_vram(self.cfg.max_vram) is None:
             self.say(f"note: --max-vram {self.cfg.max_vram:g} caps a CUDA GPU's memory; none is here, nothing capped")
         with contextlib.ExitStack() as stack:  # unwound here if the resume check fails
@@ -144,15 +146,28 @@ class Stage:
         self.bar = progress_bar(total, self.title, self.cfg.progress)
         self.bar.update(self.state[self.key])
         make_state = self.parts and (lambda: checkpoint.capture(loop=self.state, **self.parts))
-        for step in range(self.state[self.key], total):
+        first, self._eta_said = self.state[self.key], False
+        for step in range(first, total):
+            self.threads.update()
             self._t0 = time.time()
             yield step
             sync()
             self.state[self.key] = step + 1
             self.state["seconds"] += self.step_seconds
             self.bar.update(1)
+            self._eta(step + 1 - first, total - step - 1)
             checkpoint.at_step_end(self.out, step + 1, total, self.cfg.save_every, self.stop, make_state, self.title)
         self.bar.close()
+
+    def _eta(self, done: int, left: int) -> None:
+        """Once, after the first steps: seconds per step and the time left (the first step holds
+        one-off costs, so the second step's time, unless the first alone took 30 s or more)."""
+        if left <= 0 or self._eta_said or (done == 1 and self.step_seconds < 30):
+            return
+        self._eta_said = True
+        per = self.step_seconds
+        threads = "" if torch.cuda.is_available() else f" ({torch.get_num_threads()} CPU threads)"
+        self.say(f"{self.title}: {per:.1f} s per {self.key}, about {_duration(per * left)} for the {left} left{threads}")
 
     @property
     def step_seconds(self) -> float:
@@ -179,7 +194,7 @@ class Stage:
     def log(self, postfix: dict[str, float] | None = None, **row: Any) -> None:
         """One metrics.jsonl row (with the run's count of non-finite skips so far); `postfix` also
         goes on the progress bar."""
-        self.metrics.write(**row, nonfinite_skips=self.state.get("nonfinite_skips", 0),
+        self.metrics.write(**row, threads=torch.get_num_threads(), nonfinite_skips=self.state.get("nonfinite_skips", 0),
                            overflow_skips=self.state.get("overflow_skips", 0))
         if postfix:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
@@ -194,6 +209,10 @@ class Stage:
         self.metrics.close()
         write_json(self.out / "summary.json", out)
         return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 __all__ = ["Stage"]
