@@ -731,6 +731,15 @@ def _print_eval_summary(summary: dict) -> None:
     console.print(f"wrote {summary['out']}/summary.json and " + ", ".join(p["file"] for p in summary["policies"].values()))
 
 
+def _shape_defaults(max_len: Optional[int], batch: Optional[int], gpu: Optional[str],
+                    max_vram: Optional[float]) -> tuple[int, int]:
+    """--max-len and --batch, where not given, for the device the planner targets (`config.SHAPE_DEFAULTS`)."""
+    from lowmem_rlhf.config import SHAPE_DEFAULTS
+
+    d = SHAPE_DEFAULTS["cuda" if _hardware(gpu, None, None, max_vram).device == "cuda" else "cpu"]
+    return (d["max_len"] if max_len is None else max_len), (d["batch"] if batch is None else batch)
+
+
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
                    trust_remote_code: bool = False, max_vram: Optional[float] = None):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
@@ -788,8 +797,8 @@ def sft(
     model: Optional[str] = option(SFTConfig, "model", "-m"),
     profile: Optional[str] = option(SFTConfig, "profile"),
     max_steps: int = option(SFTConfig, "max_steps"),
-    max_len: int = option(SFTConfig, "max_len"),
-    batch: int = option(SFTConfig, "batch"),
+    max_len: Optional[int] = option(SFTConfig, "max_len"),
+    batch: Optional[int] = option(SFTConfig, "batch"),
     lr: Optional[float] = option(SFTConfig, "lr"),
     eval_fraction: float = option(SFTConfig, "eval_fraction"),
     seed: int = option(SFTConfig, "seed"),
@@ -805,6 +814,7 @@ def sft(
     """Supervised fine-tuning: train the `sft` LoRA adapter (completion-only loss)."""
     from lowmem_rlhf.stages.sft import run_sft
 
+    max_len, batch = _shape_defaults(max_len, batch, gpu, max_vram)
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
@@ -821,8 +831,8 @@ def rm(
     init_from: Optional[Path] = option(RMConfig, "init_from"),
     profile: Optional[str] = option(RMConfig, "profile"),
     max_steps: int = option(RMConfig, "max_steps"),
-    max_len: int = option(RMConfig, "max_len"),
-    batch: int = option(RMConfig, "batch"),
+    max_len: Optional[int] = option(RMConfig, "max_len"),
+    batch: Optional[int] = option(RMConfig, "batch"),
     max_pairs: Optional[int] = option(RMConfig, "max_pairs"),
     lr: Optional[float] = option(RMConfig, "lr"),
     eval_fraction: float = option(RMConfig, "eval_fraction"),
@@ -839,6 +849,7 @@ def rm(
     """Reward model: train a `reward` LoRA adapter + scalar head with the pairwise ranking loss."""
     from lowmem_rlhf.stages.rm import run_rm
 
+    max_len, batch = _shape_defaults(max_len, batch, gpu, max_vram)
     _positive(max_steps=max_steps, max_len=max_len, batch=batch)
     _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)

@@ -285,12 +285,26 @@ class StageConfig:
                            "every step; runtime/threads.py)")
 
 
+# SFT/RM shape knobs left unset (None) take these, by where the planner targets: a CPU gets a
+# shape whose default command finishes in minutes (SmolLM2-135M on 2 cores, issue 17: at 512 x 16
+# an SFT step took 13 s and an RM step on hh-rlhf pairs 52 s, i.e. 11 and 43 minutes for 50 steps).
+SHAPE_DEFAULTS = {"cuda": {"max_len": 512, "batch": 16}, "cpu": {"max_len": 256, "batch": 8}}
+
+
+def with_shape_defaults(cfg, target: str):
+    """`cfg` (SFT or RM) with the shape knobs the user left unset filled for `target` ("cuda", or
+    "cpu" for anything else)."""
+    d = SHAPE_DEFAULTS["cuda" if target == "cuda" else "cpu"]
+    return dataclasses.replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
+
+
 @dataclass
 class SFTConfig(StageConfig):
     data: str = knob("", "instruction data: .json/.jsonl(.gz)/.parquet (self_instruct, alpaca, messages, hh-rlhf) "
                          "or a hub dataset")
-    max_len: int = knob(512, "tokens per example (the prompt is cut from the left first)")
-    batch: int = knob(16, "effective batch (examples per optimizer step)")
+    max_len: int | None = knob(None, "tokens per example (the prompt is cut from the left first; default: 512 "
+                                     "on a GPU, 256 on a CPU)")
+    batch: int | None = knob(None, "effective batch (examples per optimizer step; default: 16 on a GPU, 8 on a CPU)")
     max_steps: int = knob(50, "optimizer steps")
     lr: float | None = knob(None, "learning rate (default: the profile's)")
     eval_fraction: float = knob(0.1, "held-out share of the data")
@@ -300,8 +314,8 @@ class SFTConfig(StageConfig):
 class RMConfig(StageConfig):
     data: str = knob("", "preference pairs: hh-rlhf chosen/rejected transcripts, or prompt/chosen/rejected")
     init_from: Path | None = knob(None, "finished SFT stage (RUN/sft): merged into the base first")
-    max_len: int = knob(512, "tokens per sequence")
-    batch: int = knob(16, "pairs per optimizer step")
+    max_len: int | None = knob(None, "tokens per sequence (default: 512 on a GPU, 256 on a CPU)")
+    batch: int | None = knob(None, "pairs per optimizer step (default: 16 on a GPU, 8 on a CPU)")
     max_steps: int = knob(50, "optimizer steps")
     lr: float | None = knob(None, "learning rate (default: the profile's)")
     eval_fraction: float = knob(0.1, "held-out share for accuracy")

@@ -91,7 +91,8 @@ class MemoryMeter:
     """Peaks per named phase; `with meter.phase("generation"): ...`."""
 
     device: str = "cpu"
-    peaks: dict[str, dict[str, int]] = field(default_factory=dict)
+    peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase name: the largest of every run of it
+    last: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase name: its latest run's peaks
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -102,10 +103,12 @@ class MemoryMeter:
         try:
             yield
         finally:
-            host = SAMPLER.close(token)
-            self.peaks[name] = self._merge(self.peaks.get(name), self.read(host))
+            self.last[name] = self.read(SAMPLER.close(token))
+            self.peaks[name] = self._merge(self.peaks.get(name), self.last[name])
 
     def read(self, host: int | None = None) -> dict[str, int]:
+        """The figures now: the allocator's peaks since the phase began (CUDA) and `host`, the
+        sampled RSS peak (default: the RSS at this moment)."""
         host = rss() if host is None else host
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()

@@ -11,9 +11,11 @@ forward pays for two stacked adapters.
 
 from __future__ import annotations
 
+import torch
+
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo.pairwise import evaluate_pairs, pair_loss, pair_scores
-from lowmem_rlhf.config import RMConfig
+from lowmem_rlhf.config import RMConfig, with_shape_defaults
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
 from lowmem_rlhf.runtime.oom import maybe_inject
@@ -37,6 +39,7 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def run_rm(cfg: RMConfig, console=None) -> dict:
+    cfg = with_shape_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu")  # --max-len, --batch
     merged = sft_adapter_of(cfg.init_from)
     with Stage(cfg, "rm", "RM", console) as st:
         # ---- setup ----------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
                    lr=stats["lr"], grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
                    **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=st.step_seconds,
-                   **{f"peak_{k}": v for k, v in st.meter.read().items()})
+                   **{f"peak_{k}": v for k, v in st.meter.last["train_step"].items()})
         after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save -----------------------------------------------------------------------------

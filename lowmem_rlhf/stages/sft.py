@@ -12,9 +12,11 @@ while every stage here must add named adapters (and heads) to one shared base th
 
 from __future__ import annotations
 
+import torch
+
 from lowmem_rlhf import data as D
 from lowmem_rlhf.algo.supervised import completion_loss, eval_loss
-from lowmem_rlhf.config import SFTConfig
+from lowmem_rlhf.config import SFTConfig, with_shape_defaults
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
 from lowmem_rlhf.runtime.oom import maybe_inject
@@ -34,6 +36,7 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]
 
 
 def run_sft(cfg: SFTConfig, console=None) -> dict:
+    cfg = with_shape_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu")  # --max-len, --batch
     with Stage(cfg, "sft", "SFT", console) as st:
         # ---- setup ----------------------------------------------------------------------------
         loaded = st.load(context=(cfg.max_len, "--max-len"))
@@ -77,7 +80,7 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                    **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), tokens=seq_tokens,
                    seconds=dt, tokens_per_s=seq_tokens / dt,
-                   **{f"peak_{k}": v for k, v in st.meter.read().items()})
+                   **{f"peak_{k}": v for k, v in st.meter.last["train_step"].items()})
         eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save -----------------------------------------------------------------------------
