@@ -113,3 +113,17 @@ def test_cpu_target_counts_everything_in_ram():
     e = estimate(spec, Profile(quant="nf4", optimizer="paged_adamw_8bit"), "sft", Shape(), target="cpu")
     assert e.device == 0 and e.cpu_ram > e.allocated
     assert e.components["optimizer"] > 0  # no paging on the CPU
+
+
+def test_cpu_training_estimates_warn_of_the_retained_heap():
+    """Issue 17: at the SFT/RM defaults on a CPU the process's RSS was 1.3-1.6x the estimate,
+    glibc's freed-but-kept heap (docs/speed.md); the estimate says so where it applies, and not
+    on a GPU."""
+    from lowmem_rlhf.config import Shape, load_profile
+    from lowmem_rlhf.plan.estimator import estimate
+    from lowmem_rlhf.plan.model_spec import load_spec
+
+    spec, prof = load_spec("smollm2-135m"), load_profile("lora-bf16-shared")
+    for stage in ("sft", "rm"):
+        assert any("MALLOC_MMAP_THRESHOLD_" in n for n in estimate(spec, prof, stage, Shape(), target="cpu").notes)
+        assert not any("MALLOC_MMAP_THRESHOLD_" in n for n in estimate(spec, prof, stage, Shape(), target="cuda").notes)
