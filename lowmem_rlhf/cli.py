@@ -52,6 +52,8 @@ def option(cls, name: str, *aliases: str, required: bool = False, **kw):
     them (`config.knob`), so each knob is declared once."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+    if f.default is True and "/" not in flag:  # a switch that is on by default needs its off form
+        flag = f"{flag}/--no-{flag[2:]}"
     default = ... if required else f.default
     return typer.Option(default, flag, *aliases, help=f.metadata.get("help", ""), **kw)
 
@@ -131,6 +133,14 @@ def print_plan(p) -> None:
     console.print(f"budget: {_gib(budget)} GiB of {what}; SFT/RM seq {s.seq_len}, batch {s.batch}; "
               f"{(rl or 'ppo').upper()} prompt {s.prompt_len} + response {s.response_len}, rollout batch "
               f"{s.rollout_batch}")
+    n = p.processes
+    console.print(f"estimates are per {'GPU' if p.target == 'cuda' else 'process'}" + (
+        f": data parallel over {n} processes, each holding the whole base and its adapters (the same peak as "
+        f"one card); they share this node's CPU RAM (budgeted {_gib(p.hardware.cpu_ram_free_bytes)} GiB each); "
+        f"global batch {n} x {s.batch} = {n * s.batch}, global rollout {n} x {s.rollout_batch} = "
+        f"{n * s.rollout_batch}" if n > 1 else
+        "; under torchrun --nproc_per_node N each GPU holds the same (data parallel replicates the base), "
+        "and --batch/--rollout-batch are per GPU"))
     fig = "device" if p.target == "cuda" else "cpu_ram"
     t = Table(title=f"peak {'GPU (nvidia-smi)' if p.target == 'cuda' else 'CPU RAM'} GiB per stage")
     t.add_column("profile")
@@ -199,7 +209,8 @@ def print_breakdown(estimates: dict, target: str) -> None:
 
 
 def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-              stages, profiles, as_json, trust_remote_code: bool = False, max_vram=None, algo: str = "ppo"):
+              stages, profiles, as_json, trust_remote_code: bool = False, max_vram=None, algo: str = "ppo",
+              nproc: int = 1):
     from lowmem_rlhf.plan.model_spec import load_spec
     from lowmem_rlhf.plan.planner import no_fit, plan
 
@@ -207,7 +218,8 @@ def _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, r
     shape = _shape(seq_len, batch, prompt_len, response_len, rollout_batch)
     hw = _hardware(gpu, vram, ram, max_vram)
     spec = load_spec(model, trust_remote_code)
-    p = plan(spec, hw, shape, _profiles(profiles), stages)
+    _positive(nproc=nproc)
+    p = plan(spec, hw, shape, _profiles(profiles), stages, processes=nproc)
     if as_json:
         print(json.dumps(p.to_dict(), indent=2))
     else:
@@ -238,9 +250,12 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     simulate: bool = typer.Option(False, "--simulate", help="also rehearse one step of each stage of the chosen profile on meta tensors and print simulated vs analytic peaks"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a local model folder's own Python code (to read its shapes on the meta device)"),
+    nproc: int = typer.Option(1, "--nproc", help="data-parallel processes on this node (torchrun --nproc_per_node): "
+                              "estimates stay per GPU, since each process holds the whole base; they share the "
+                              "node's CPU RAM; --batch and --rollout-batch are per process (global = N x)"),
 ):
     """Which profile makes SFT, RM and the RL stage (PPO, or GRPO/RLOO with --algo) fit this card,
-    and each stage's estimated peak."""
+    and each stage's estimated peak (per GPU: see --nproc for data-parallel runs)."""
     rollout_batch = _rollout(rollout_batch, _algo(algo))
     if simulate and as_json:  # one JSON document: the plan's own print is replaced by the combined one
         import contextlib
@@ -248,10 +263,10 @@ def plan(
 
         with contextlib.redirect_stdout(io.StringIO()):
             p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                          stages, profiles, True, trust_remote_code, max_vram, algo)
+                          stages, profiles, True, trust_remote_code, max_vram, algo, nproc)
     else:
         p = _run_plan(gpu, vram, ram, model, seq_len, batch, prompt_len, response_len, rollout_batch,
-                      stages, profiles, as_json, trust_remote_code, max_vram, algo)
+                      stages, profiles, as_json, trust_remote_code, max_vram, algo, nproc)
     if simulate:
         from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
@@ -767,7 +782,10 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)
-    return choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,)).profile
+    from lowmem_rlhf.runtime.distributed import local_processes
+
+    return choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,),
+                          processes=local_processes()).profile
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -915,6 +933,30 @@ def _quiet_libraries() -> None:
         pass
 
 
+DATA_PARALLEL = ("sft", "rm", "ppo", "grpo")
+
+
+def _data_parallel(argv: list[str]) -> str:
+    """Under a launcher (WORLD_SIZE > 1): only the training stages run, each rank joins the process
+    group, and the ranks other than 0 print nothing to stdout (their errors still reach stderr,
+    prefixed "rank N: "). -> that prefix ("" for rank 0 and one process)."""
+    from lowmem_rlhf.runtime.distributed import launched, world
+
+    if launched() <= 1:
+        return ""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in DATA_PARALLEL and not any(a in ("--help", "-h") for a in argv):
+        raise UserError(f"`{command}` runs in one process; under torchrun/accelerate launch run one of "
+                        f"{', '.join(DATA_PARALLEL)} (each rank trains on its share of the batch)")
+    w = world()
+    if w.main:
+        return ""
+    import os
+
+    sys.stdout = open(os.devnull, "w")  # rank 0 prints the run; the console writes to sys.stdout
+    return f"rank {w.rank}: "
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one-line errors, never a traceback for bad input."""
     import errno
@@ -924,13 +966,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     shape_allocator()  # before anything initialises CUDA
     _quiet_libraries()
+    rank = ""
     try:
+        rank = _data_parallel(sys.argv[1:] if argv is None else argv)
         app(args=argv, prog_name="lowmem-rlhf", standalone_mode=False)
     except UserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"{rank}error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
     except Interrupted as e:
-        err.print(f"stopped: {e}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"{rank}stopped: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("aborted: the newest complete checkpoint (if any) is kept; continue with --resume", markup=False)

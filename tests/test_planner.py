@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowmem_rlhf.config import Shape, load_all_profiles
-from lowmem_rlhf.plan.estimator import GIB
+from lowmem_rlhf.plan.estimator import GIB, ddp_bucket_bytes
 from lowmem_rlhf.plan.hardware import resolve_hardware
 from lowmem_rlhf.plan.model_spec import load_spec
 from lowmem_rlhf.plan.planner import SAFETY_MARGIN, advice, choose_profile, plan
@@ -111,3 +111,25 @@ def test_plan_and_every_stage_pick_the_same_profile():
                 full = [c for c in planned["candidates"] if c["profile"] == "full-bf16"]
                 assert full and full[0]["fits"] and "estimated only" in full[0]["reason"]
     assert len(seen) >= 2  # the machines differ enough to pick different profiles
+
+
+def test_data_parallel_plans_per_gpu_with_the_node_ram_shared():
+    """--nproc N: each GPU's estimate is one card's (data parallel replicates the base), while the
+    node's CPU RAM is split N ways: on a 24 GiB CPU node one process of llama-2-7b runs
+    lora-bf16-shared (16.5 GiB), two processes get 12 GiB each and fall back to the 4-bit base."""
+    one = plan(load_spec("llama-2-7b"), resolve_hardware(gpu="3090", ram_gib=64), Shape(), load_all_profiles(),
+               ("sft", "rm", "ppo"))
+    two = plan(load_spec("llama-2-7b"), resolve_hardware(gpu="3090", ram_gib=64), Shape(), load_all_profiles(),
+               ("sft", "rm", "ppo"), processes=2)
+    assert two.chosen.profile.name == one.chosen.profile.name
+    for s, e in two.chosen.estimates.items():  # one card's peak, plus DDP's gradient buckets
+        bucket = ddp_bucket_bytes(two.spec, two.chosen.profile, s)
+        assert bucket > 0
+        assert e.allocated == one.chosen.estimates[s].allocated + bucket
+    assert two.hardware.cpu_ram_free_bytes == one.hardware.cpu_ram_free_bytes // 2
+    d = two.to_dict()
+    assert d["processes"] == 2 and d["global_batch"] == 2 * Shape().batch
+    cpu = [plan(load_spec("llama-2-7b"), resolve_hardware(ram_gib=24), Shape(), load_all_profiles(), ("sft",),
+                processes=n).chosen for n in (1, 2)]
+    assert cpu[0].estimates["sft"].cpu_ram > 12 * GIB
+    assert cpu[1].profile.name != cpu[0].profile.name and cpu[1].estimates["sft"].cpu_ram <= 12 * GIB

@@ -25,13 +25,14 @@ from transformers import LogitsProcessorList
 
 from lowmem_rlhf.algo import ppo_math as M
 from lowmem_rlhf.algo.pairwise import last_token_scores
-from lowmem_rlhf.algo.rewards import RewardSet
+from lowmem_rlhf.algo.rewards import RewardError, RewardSet
 from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.algo.sampling import RowGumbelSampler, row_seeds
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data import collate_left
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import logit_transform, output_layer
+from lowmem_rlhf.runtime.distributed import world
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 
 Phase = Callable[[str], ContextManager]
@@ -76,12 +77,14 @@ class Experience(Rollout):
 
     @functools.cached_property
     def seq_kl(self) -> float:
-        """Mean per-sequence KL to the reference (sum over tokens, mean over rows); read once (a
-        host sync), then kept: the KL controller and the metrics row both use it."""
+        """Mean per-sequence KL to the reference (sum over tokens, mean over rows; the global batch's
+        in a data-parallel run, so every rank's KL controller moves alike); read once (a host sync),
+        then kept: the KL controller and the metrics row both use it."""
         m = self.response_mask
         if self.kl is None:  # no reference forward (GRPO with --beta 0): the KL was not measured
             return float("nan")
-        return float(M.masked_mean(self.kl, m) * m.sum() / len(m))
+        w = world()
+        return w.total(float((self.kl * m).sum())) / (len(m) * w.size)
 
 
 def stop_ids(model: torch.nn.Module, tok) -> list[int]:
@@ -279,11 +282,12 @@ def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_
 def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg,
                   moments: M.RunningMoments | None) -> torch.Tensor:
     """The scores RL optimises: minus cfg.missing_eos_penalty where a response was cut before
-    any EOS (ended False), then normalised by the run's running moments when --reward-norm. (B,)."""
+    any EOS (ended False), then normalised by the run's running moments when --reward-norm (over
+    the global batch in a data-parallel run). (B,)."""
     if cfg.missing_eos_penalty and ended is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).to(scores.dtype)
     if moments is not None:
-        scores = moments.normalize(scores)
+        scores = moments.normalize(scores, reduce=global_sum())
     return scores
 
 
@@ -306,7 +310,8 @@ def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, reward
     """generation, then scoring: sample(size) -> Rollout samples the batch `size` prompts at a time
     with the actor active; gen_mb/mb halve those sizes on out-of-memory. The programs of `rewards`
     score the texts, the reward adapter + head the tokens (when rewards.learned); the score is their
-    weighted sum. A failing program raises `RewardError` (the stage skips the iteration)."""
+    weighted sum. A failing program raises `RewardError` (the stage skips the iteration); in a
+    data-parallel run on every rank when it failed on any (they skip together)."""
     with phase("generation"), roles.role("actor"):
         ro = gen_mb.run(iteration, sample, lambda: None)
     if ro.seqs.device.type == "cuda":
@@ -314,8 +319,14 @@ def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, reward
     try:
         with phase("scoring"), torch.no_grad():
             roles.train(False)
-            parts = {name: torch.tensor(fn(ro.prompts, ro.texts), device=ro.seqs.device, dtype=torch.float32)
-                     for name, fn in rewards.programs.items()}
+            failed: RewardError | None = None
+            try:
+                parts = {name: torch.tensor(fn(ro.prompts, ro.texts), device=ro.seqs.device, dtype=torch.float32)
+                         for name, fn in rewards.programs.items()}
+            except RewardError as e:
+                failed = e
+            if world().any(failed is not None):
+                raise failed or RewardError("the reward failed in another process of this data-parallel run")
             learned, ref_lp, old_lp, values, entropy = mb.run(
                 iteration, lambda size: score_rollout(roles, ro, size, iteration, rewards.learned, cfg.temperature,
                                                       critic=critic, reference=reference,
@@ -326,6 +337,13 @@ def sample_and_score(roles: Roles, sample: Callable[[int], Rollout], cfg, reward
     if rewards.learned:
         parts["reward_model"] = learned
     return Scored(ro, rewards.combine(parts), parts, ref_lp, old_lp, values, entropy)
+
+
+def global_sum() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The sum over the processes of a data-parallel run, for statistics of the global batch; None
+    in one process."""
+    w = world()
+    return w.sum if w.size > 1 else None
 
 
 def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConfig, kl_coef: float,
@@ -342,7 +360,7 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
     shaped = M.shaped_rewards(train_scores, kl, m, kl_coef)
     adv, returns = M.gae(shaped, sc.values, m, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        adv = M.whiten(adv, m)
+        adv = M.whiten(adv, m, reduce=global_sum())  # the global batch's mean and std
     return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=sc.old_lp,
                       ref_logprobs=sc.ref_lp, values=sc.values, entropy=sc.entropy, scores=sc.scores,
                       train_scores=train_scores, kl=kl, rewards=shaped, advantages=adv, returns=returns,

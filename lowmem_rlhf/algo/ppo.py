@@ -23,6 +23,7 @@ from lowmem_rlhf.algo.experience import (
 from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.runtime.distributed import world
 from lowmem_rlhf.runtime.oom import MicroBatch, maybe_inject
 from lowmem_rlhf.runtime.optim import (
     OptimizerParking,
@@ -58,10 +59,15 @@ def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig
 
 def loss_denominator(exp: Experience, chunk: list[int], cfg) -> torch.Tensor:
     """What each micro-batch's loss sum is divided by: the chunk's response tokens (a token mean),
-    or its rows where the loss is a per-response mean (GRPO's --loss-agg sequence)."""
+    or its rows where the loss is a per-response mean (GRPO's --loss-agg sequence). In a
+    data-parallel run the count is the global minibatch's over the world size (`World.share`):
+    DDP's average of the ranks' gradients is then the global minibatch's mean."""
     if getattr(cfg, "loss_agg", "token") == "sequence":
-        return torch.tensor(float(len(chunk)), device=exp.response_mask.device)
-    return exp.response_mask[chunk].sum().clamp(min=1)
+        count = torch.tensor(float(len(chunk)), device=exp.response_mask.device)
+    else:
+        count = exp.response_mask[chunk].sum()
+    w = world()
+    return count.clamp(min=1) if w.size == 1 else w.sum(count.float()).clamp(min=1) / w.size
 
 
 def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, iteration: int, loss_of: LossFn,
@@ -75,7 +81,7 @@ def accumulate(eng: SharedBase, exp: Experience, chunk: list[int], size: int, it
     for s in range(0, len(chunk), size):
         maybe_inject(stage_key(cfg), iteration, size, "start" if s == 0 else "mid")
         idx = chunk[s: s + size]
-        loss, extra = loss_of(eng, exp, idx, cfg, tokens)
+        loss, extra = eng.train_forward(loss_of, eng, exp, idx, cfg, tokens, last=s + size >= len(chunk))
         eng.backward(loss)
         for k, v in extra.items():  # kept as tensors: no host sync per micro-batch
             st.setdefault(k, []).append(v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
@@ -104,6 +110,7 @@ def update_adapter(eng: SharedBase, adapter: str, opt: torch.optim.Optimizer, sc
                                   fault=(stage_key(cfg), iteration, size, adapter), scaler=scaler)
 
     st, norm = mb.run(iteration, step, reset)
+    st[f"grad_norm_{adapter}"] = [norm.detach().float()]  # before clipping; the ranks' average in data parallel
     skipped = not finite(norm)
     return st, {"skipped": skipped, "overflow": skipped and overflow_is_expected(scaler), "role": adapter}
 

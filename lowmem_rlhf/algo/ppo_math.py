@@ -8,6 +8,7 @@ References: Schulman et al. 2017 (clipped surrogate), Schulman et al. 2016 (GAE)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -108,9 +109,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked entries; with shift_mean=False the mean is kept."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked entries (std unbiased); with shift_mean=False the mean is kept.
+    reduce: a sum over the processes of a data-parallel run (`runtime.distributed.World.sum`), so
+    mean and std are the whole global batch's; None: this (B, T) batch's alone."""
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:  # the same two passes, each sum taken over every process
+        s = reduce(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+        n = s[1].clamp(min=1)
+        mean = s[0] / n
+        var = reduce(((x - mean) ** 2 * mask).sum()) / n
+        var = torch.where(n > 1, var * n / (n - 1), var)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -164,9 +175,15 @@ class RunningMoments:
     def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 0.0):
         self.mean, self.var, self.count = mean, var, count
 
-    def normalize(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    def normalize(self, scores: torch.Tensor, eps: float = 1e-8,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """reduce: a sum over the processes of a data-parallel run: the moments take the global
+        batch (every process updates them alike); None: this batch alone."""
         x = scores.detach().double()
-        n, m, v = float(len(x)), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
+        red = reduce or (lambda t: t)
+        nsum = red(torch.stack([x.new_tensor(float(len(x))), x.sum()]))
+        n, m = float(nsum[0]), float(nsum[1] / nsum[0])
+        v = float(red(((x - m) ** 2).sum())) / n if n > 1 else 0.0
         total = self.count + n
         delta = m - self.mean
         var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -71,6 +72,9 @@ class SharedBase:
         self._pending: str | None = None  # adapter whose training forward awaits backward
         self.scalers: dict[str, torch.amp.GradScaler] = {}  # adapter -> fp16 loss scale (runtime.optim.make_scaler)
         self._layers: tuple[list, list] | None = None  # (peft's auxiliary wrappers, its tuner layers), found once
+        # adapter -> the data-parallel wrapper its training forwards run through (runtime.distributed.
+        # AdapterSync: DDP over that adapter's parameters); empty in a world of one process
+        self.grad_sync: dict[str, Any] = {}
 
     # ---- adapters ------------------------------------------------------------------------------
     def _ensure_head(self) -> None:
@@ -229,6 +233,13 @@ class SharedBase:
         finally:
             for m in (*layers, *aux):
                 m.enable_adapters(True)
+
+    def train_forward(self, fn: Callable, *args: Any, last: bool = True) -> Any:
+        """fn(*args): a training forward of the active adapter (its loss), through that adapter's
+        data-parallel wrapper when there is one. last: the step's last micro-batch, whose backward
+        averages the gradients across processes (the earlier ones accumulate locally)."""
+        sync = self.grad_sync.get(self.active)
+        return fn(*args) if sync is None else sync(fn, *args, last=last)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward while the adapter that produced `loss` is still active; under fp16 the loss

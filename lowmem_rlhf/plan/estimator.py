@@ -446,11 +446,24 @@ def _zero3_split(phase: Phase, spec: ModelSpec, profile: Profile) -> Phase:
     return Phase(phase.name, comps, paged=0, cpu_offload=cpu, target=phase.target)
 
 
+def ddp_bucket_bytes(spec: ModelSpec, profile: Profile, stage: str) -> int:
+    """Data parallel (`runtime.distributed.AdapterSync`): DDP keeps one flat gradient bucket per
+    trained adapter, as large as its parameters (fp32 LoRA A/B, and the head an RM/critic trains),
+    allocated when the wrapper is built and held for the run. SFT/GRPO: one adapter; RM: adapter +
+    reward head; PPO: the actor, and the critic with its value head."""
+    sizes, eb = trainable_tensors(spec, profile)
+    adapter, head = sum(sizes) * eb, spec.hidden_size * 4
+    return {"sft": adapter, "rm": adapter + head, "ppo": 2 * adapter + head}.get(stage, adapter)
+
+
 def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target: str = "cuda",
-             separate_models: bool = False, reward_model: bool = True, beta: float | None = None) -> Estimate:
+             separate_models: bool = False, reward_model: bool = True, beta: float | None = None,
+             data_parallel: bool = False) -> Estimate:
     """Per-phase memory of `stage` ("sft", "rm", "ppo", "grpo", "rloo") for this model, profile and
-    shape. GRPO/RLOO: reward_model, a reward adapter + head scores the rollout; beta (default
-    GRPOConfig's), the reference runs when it is above 0."""
+    shape, in one process. GRPO/RLOO: reward_model, a reward adapter + head scores the rollout; beta
+    (default GRPOConfig's), the reference runs when it is above 0. data_parallel: one process of a
+    torchrun world, which also holds DDP's gradient buckets in every phase (ZeRO-3: DeepSpeed's own
+    buckets, already counted)."""
     if stage not in STAGES:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if target not in ("cuda", "cpu"):
@@ -492,6 +505,11 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
         if stage in RL_STAGES:
             notes.append(ZERO3_PPO_REASON)
         phases = [_zero3_split(ph, spec, profile) for ph in phases]
+    elif data_parallel:
+        for ph in phases:
+            ph.components["ddp_buckets"] = ddp_bucket_bytes(spec, profile, stage)
+        notes.append("per process of a data-parallel run: each holds the whole base and its adapters, plus DDP's "
+                     "gradient buckets (one copy of each trained adapter)")
     if target == "cpu":
         notes.append("planned for the CPU: figures are host RAM; paged optimizers are not paged on CPU")
         if stage in ("sft", "rm"):  # measured: docs/speed.md
@@ -593,5 +611,5 @@ def _rl_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head:
     return phases
 
 
-__all__ = ["Estimate", "Phase", "estimate", "generation_rows", "weight_bytes", "optimizer_bytes", "trainable_tensors",
+__all__ = ["Estimate", "Phase", "estimate", "ddp_bucket_bytes", "generation_rows", "weight_bytes", "optimizer_bytes", "trainable_tensors",
            "lora_tensors", "activation_bytes", "kv_cache_bytes", "layer_saved_bytes", "GIB"]

@@ -61,6 +61,10 @@ class Plan:
     shape: Shape
     stages: tuple[str, ...]
     candidates: list[Candidate] = field(default_factory=list)
+    # data-parallel processes on this node (torchrun --nproc_per_node): every estimate is per
+    # process (each holds the whole base: data parallel does not shard it), and the node's CPU RAM
+    # is shared by them (`hardware` is already this process's share)
+    processes: int = 1
 
     @property
     def chosen(self) -> Candidate | None:
@@ -83,6 +87,9 @@ class Plan:
             "model_params": self.spec.total_params,
             "shape": self.shape.to_dict(),
             "stages": list(self.stages),
+            "processes": self.processes, "estimates_are": "per process (per GPU)",
+            "global_batch": self.shape.batch * self.processes,
+            "global_rollout_batch": self.shape.rollout_batch * self.processes,
             "budget_gib": self.budget()[0] / GIB,
             "chosen": chosen.to_dict() if chosen else None,
             "chosen_profile": chosen.profile.to_dict() if chosen else None,
@@ -111,11 +118,13 @@ def adapt_to_hardware(profile: Profile, hw: Hardware) -> tuple[Profile | None, s
     return profile, ""
 
 
-def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages) -> Candidate:
+def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages,
+              processes: int = 1) -> Candidate:
     target = hw.device
     budget, what = budget_bytes(hw)
     usable = int(budget * (1 - SAFETY_MARGIN))
-    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model="rm" in stages) for s in stages}
+    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model="rm" in stages,
+                        data_parallel=processes > 1) for s in stages}
     worst_stage, worst_short = None, 0
     for s, e in ests.items():
         need = e.device if target == "cuda" else e.cpu_ram
@@ -160,8 +169,10 @@ def _halvings(mb: int) -> list[int]:
 
 
 def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-         stages: tuple[str, ...] = STAGES) -> Plan:
-    """Try every profile (in rank order) at decreasing micro-batch; keep every verdict."""
+         stages: tuple[str, ...] = STAGES, processes: int = 1) -> Plan:
+    """Try every profile (in rank order) at decreasing micro-batch; keep every verdict. processes:
+    data-parallel processes on this node, each planned as one card with its own share of the
+    node's CPU RAM (shape.batch and shape.rollout_batch are per process)."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of {', '.join(STAGES)}")
@@ -169,7 +180,9 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         raise UserError(f"--stages: one RL stage at a time ({', '.join(s for s in stages if s in RL_STAGES)} given); "
                         "plan each with its own --algo")
     rl = rl_stage(stages)
-    result = Plan(hw, spec, shape, tuple(stages))
+    if processes > 1:  # the node's RAM holds every process's host-side share
+        hw = replace(hw, cpu_ram_free_bytes=hw.cpu_ram_free_bytes // processes)
+    result = Plan(hw, spec, shape, tuple(stages), processes=processes)
     for base in sorted(profiles, key=lambda p: (p.rank, p.name)):
         prof, note = adapt_to_hardware(base, hw)
         if prof is None:
@@ -190,7 +203,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         for ckpt, mb in trials:
             for g in gens:
                 cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt, generation_batch=g)
-                cand = _evaluate(spec, cand_prof, shape, hw, stages)
+                cand = _evaluate(spec, cand_prof, shape, hw, stages, processes)
                 cand.grad_accum = math.ceil(shape.batch / mb)
                 best = cand
                 if cand.fits or not _generation_bound(cand, hw):
@@ -254,10 +267,10 @@ def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
 
 
 def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-                   stages: tuple[str, ...]) -> Candidate:
+                   stages: tuple[str, ...], processes: int = 1) -> Candidate:
     """The planner's pick (`Plan.chosen`, as `lowmem-rlhf plan` shows it), or a one-line NoFit
     error with advice."""
-    p = plan(spec, hw, shape, runnable_profiles(profiles), stages)
+    p = plan(spec, hw, shape, runnable_profiles(profiles), stages, processes)
     if p.chosen is None:
         raise no_fit(p)
     return p.chosen

@@ -76,8 +76,10 @@ def capture(models: dict[str, tuple[torch.nn.Module, Any]], optimizers: dict, sc
     }
 
 
-def restore(state: dict[str, Any], models: dict, optimizers: dict, schedulers: dict, samplers: dict) -> dict:
-    """Put everything `capture` saved back in place; returns the loop state."""
+def restore(state: dict[str, Any], models: dict, optimizers: dict, schedulers: dict, samplers: dict,
+            rank: int = 0) -> dict:
+    """Put everything `capture` saved back in place; returns the loop state. A data-parallel run's
+    checkpoint holds each rank's random state ("rng_ranks"): `rank` takes its own."""
     for k, (m, owns) in models.items():
         load_adapter_tensors(m, state["adapters"][k], owns)
     for k, o in optimizers.items():
@@ -88,22 +90,24 @@ def restore(state: dict[str, Any], models: dict, optimizers: dict, schedulers: d
         s.load_state_dict(state["schedulers"][k])
     for k, s in samplers.items():
         s.set_state(state["samplers"][k]) if isinstance(s, torch.Generator) else s.load_state_dict(state["samplers"][k])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"])
     return dict(state["loop"])
 
 
-def resume(stage_dir: Path, enabled: bool, state: dict, parts: dict) -> Path | None:
+def resume(stage_dir: Path, enabled: bool, state: dict, parts: dict, rank: int = 0) -> Path | None:
     """With --resume: restore the newest checkpoint into `parts` (see `restore`) and the loop
     `state`; returns that checkpoint, or None for a fresh start."""
     ckpt = latest(stage_dir) if enabled else None
     if ckpt is not None:
-        state.update(restore(load(ckpt), **parts))
+        state.update(restore(load(ckpt), **parts, rank=rank))
     return ckpt
 
 
-def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, make_state, what: str) -> None:
+def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, make_state, what: str,
+                write: bool = True) -> None:
     """Called after each completed step: a periodic checkpoint every `save_every` steps, and on a
-    pending SIGINT/SIGTERM a checkpoint followed by `Interrupted`."""
+    pending SIGINT/SIGTERM a checkpoint followed by `Interrupted`. write False: make_state() runs
+    (a data-parallel run gathers every rank's part of it) but another process writes it."""
     from lowmem_rlhf.runtime.stopping import Interrupted
 
     periodic = save_every > 0 and step % save_every == 0 and step < total
@@ -114,7 +118,12 @@ def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, m
             raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total}; this profile keeps "
                               "no checkpoint yet (ZeRO-3 offload), so the stage starts over when run again")
         return
-    path = save(stage_dir, step, make_state())
+    state = make_state()
+    if not write:
+        if stop.requested:
+            raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total} (rank 0 saved the checkpoint)")
+        return
+    path = save(stage_dir, step, state)
     if stop.requested:
         raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total}; checkpoint saved in "
                           f"{path}; run the same command with --resume to continue")

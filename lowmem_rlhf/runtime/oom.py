@@ -158,9 +158,11 @@ class MicroBatch:
     """The micro-batch a stage trains with, halved on OOM. `knob` names what to change when even a
     micro-batch of 1 does not fit (e.g. "--max-len 512")."""
 
-    def __init__(self, size: int, stage: str, run_dir: Path, profile: str, knob: str, elastic: bool = True):
+    def __init__(self, size: int, stage: str, run_dir: Path, profile: str, knob: str, elastic: bool = True,
+                 fixed: str = ""):
         self.size = max(1, int(size))
         self.elastic = elastic  # False: the trainer fixes the micro-batch (ZeRO-3), stop at once
+        self.fixed = fixed  # what fixes it, when not the profile (a data-parallel run)
         self.stage, self.run_dir, self.profile, self.knob = stage, Path(run_dir), profile, knob
         self.events: list[dict] = []
 
@@ -183,8 +185,8 @@ class MicroBatch:
             if not self.elastic and failed > 1:
                 self._log(step, failed, failed, error)
                 raise UserError(
-                    f"out of memory in {self.stage} step {step} at micro-batch {failed}, which this profile "
-                    f"({self.profile}) cannot change mid-run: set micro_batch: {failed // 2} in a copy of the "
+                    f"out of memory in {self.stage} step {step} at micro-batch {failed}, which "
+                    f"{self.fixed or f'this profile ({self.profile})'} cannot change mid-run: set micro_batch: {failed // 2} in a copy of the "
                     f"profile (--profile my.yaml) or lower {self.knob}; logged in {self.run_dir / LOG}")
             if failed == 1:
                 self._log(step, failed, failed, error)

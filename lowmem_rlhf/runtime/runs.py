@@ -146,9 +146,13 @@ class MetricsWriter:
     """Appends one JSON object per line; flushes each line so a crash keeps what was logged.
 
     keep=(key, n) on resume: rows logged after the checkpoint (key > n) are dropped first, so each
-    step appears once even when a killed run had logged steps it never checkpointed."""
+    step appears once even when a killed run had logged steps it never checkpointed. path None:
+    nothing is written (the ranks other than 0 of a data-parallel run)."""
 
-    def __init__(self, path: Path, keep: tuple[str, int] | None = None):
+    def __init__(self, path: Path | None, keep: tuple[str, int] | None = None):
+        self._t0, self._f = time.time(), None
+        if path is None:
+            return
         self.path = Path(path)
         if keep is not None and self.path.exists():
             key, n = keep
@@ -162,16 +166,18 @@ class MetricsWriter:
                     pass
             self.path.write_text("".join(x + "\n" for x in kept))
         self._f = self.path.open("a")
-        self._t0 = time.time()
 
     def write(self, **row: Any) -> dict:
         row = {"time": round(time.time() - self._t0, 3), **row}
+        if self._f is None:
+            return row
         self._f.write(json.dumps(row, default=_jsonable) + "\n")
         self._f.flush()
         return row
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def write_stage_config(out: Path, stage: str, cfg: Any, profile: Any, estimate: Any, **extra: Any) -> None:

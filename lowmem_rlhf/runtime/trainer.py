@@ -1,13 +1,16 @@
 """The optimizer side of a single-adapter stage (SFT, RM) behind one small interface, so a stage's
 loop reads the same with plain torch and with DeepSpeed ZeRO-3 offload:
 
-    trainer.forward(fn, *args)   run a loss helper (through the DeepSpeed engine under ZeRO-3)
+    trainer.forward(fn, *args, last=True)
+                                 run a loss helper (through the DeepSpeed engine under ZeRO-3; through
+                                 the adapter's DDP wrapper in a data-parallel run, where `last` marks
+                                 the step's last micro-batch: its backward averages the gradients)
     trainer.backward(loss)       one micro-batch, while the adapter is active
     trainer.step(fault)          clip 1.0 + AdamW + warmup-cosine; returns {"grad_norm", "lr", "skipped"}:
                                  a NaN/inf gradient norm skips the update
     trainer.reset()              undo a partial step (out of memory mid-step): its gradients, and a
                                  half-applied optimizer step
-    trainer.save_adapter(...)    PEFT layout (gathered first under ZeRO-3)
+    trainer.save_adapter(...)    PEFT layout (gathered first under ZeRO-3), written by rank 0 alone
     trainer.offloaded_bytes()    host bytes DeepSpeed holds (ZeRO-3 only; measure.report reads it)
     trainer.checkpoint_parts()   what `checkpoint.capture/restore` needs (None: not resumable)
 """
@@ -20,6 +23,7 @@ import torch
 
 from lowmem_rlhf.config import Profile
 from lowmem_rlhf.model.adapters import SharedBase
+from lowmem_rlhf.runtime.distributed import AdapterSync, world
 from lowmem_rlhf.runtime.optim import (
     StepUndo,
     default_warmup,
@@ -49,8 +53,8 @@ class PlainTrainer:
             shared.scalers[adapter] = self.scaler
         self.undo = StepUndo(shared.parameters_of(adapter), self.optimizer, self.scaler)
 
-    def forward(self, fn, *args):
-        return fn(*args)
+    def forward(self, fn, *args, last: bool = True):
+        return self.shared.train_forward(fn, *args, last=last)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.shared.backward(loss)
@@ -72,6 +76,10 @@ class PlainTrainer:
         self.undo.undo()
 
     def save_adapter(self, out_dir: Path, extra_meta: dict | None = None) -> Path:
+        """The adapter in PEFT layout; in a data-parallel run rank 0 alone writes it (every rank
+        calls this: under ZeRO-3 the gather before the write is collective)."""
+        if not world().main:
+            return Path(out_dir)
         return self.shared.save_adapter(self.adapter, out_dir, extra_meta=extra_meta)
 
     def checkpoint_parts(self) -> dict:
@@ -84,14 +92,19 @@ class PlainTrainer:
 def make_trainer(shared: SharedBase, adapter: str, profile: Profile, lr: float, total_steps: int,
                  micro_batch: int, grad_accum: int):
     """PlainTrainer, or Zero3Trainer for the zero3-offload profile (one process, params and
-    optimizer in CPU RAM)."""
+    optimizer in CPU RAM). In a data-parallel run the adapter's gradients are averaged across the
+    ranks by DDP over its parameters (`runtime.distributed.AdapterSync`)."""
     warmup = default_warmup(total_steps)
+    w = world()
     if profile.offload == "zero3":
         from lowmem_rlhf.runtime.zero3 import Zero3Trainer
 
         return Zero3Trainer(shared, adapter, lr=lr, total_steps=total_steps, warmup_steps=warmup,
                             micro_batch=micro_batch, grad_accum=grad_accum)
-    return PlainTrainer(shared, adapter, profile, lr, total_steps, warmup)
+    trainer = PlainTrainer(shared, adapter, profile, lr, total_steps, warmup)
+    if w.size > 1:
+        shared.grad_sync[adapter] = AdapterSync(shared.parameters_of(adapter), trainer.device)
+    return trainer
 
 
 __all__ = ["PlainTrainer", "make_trainer"]

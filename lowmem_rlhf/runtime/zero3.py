@@ -2,6 +2,9 @@
 
 One process, no launcher: `single_process_env()` fills in RANK/WORLD_SIZE/... (else DeepSpeed
 falls back to MPI discovery) and starts a gloo (CPU) or nccl (CUDA) process group of size 1.
+Under `torchrun --nproc_per_node N` it joins the launched world (`runtime.distributed`): the
+partitions are then spread over the N ranks, and DeepSpeed averages the adapter's gradients
+(tests/test_distributed.py: 2 CPU processes equal one with twice the batch).
 
 What is partitioned: every parameter of the model (the frozen 16-bit base, all adapters, heads)
 becomes a ZeRO-3 parameter after `deepspeed.initialize` (post-hoc `zero.Init` of a built model);
@@ -79,24 +82,24 @@ def device_type() -> str:
 
 
 def single_process_env(backend: str | None = None) -> str:
-    """Make this process a world of one and start its process group (idempotent).
+    """Make this process a world of one and start its process group (idempotent); under a launcher
+    (torchrun: WORLD_SIZE > 1) join the launched world instead: DeepSpeed then partitions the
+    model over its ranks and averages the adapter's gradients across them.
 
     Sets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and MASTER_PORT (a free port)
     where unset, then `deepspeed.init_distributed` with gloo on the CPU or nccl on CUDA and MPI
-    discovery off. Returns the backend in use. Refuses a WORLD_SIZE other than 1 (a launcher)."""
+    discovery off. Returns the backend in use."""
     import deepspeed
 
     for k, v in _ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if os.environ["WORLD_SIZE"] != "1":
-        raise RuntimeError(f"lowmem_rlhf.runtime.zero3 runs one process; WORLD_SIZE={os.environ['WORLD_SIZE']}")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_backend()
-    backend = backend or ("nccl" if device_type() == "cuda" else "gloo")
     if device_type() == "cpu":
         _skip_shm_comm_build()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_backend()  # a launched world: runtime.distributed joined it
+    backend = backend or ("nccl" if device_type() == "cuda" else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
@@ -105,9 +108,9 @@ def single_process_env(backend: str | None = None) -> str:
 
 def _skip_shm_comm_build() -> None:
     """On the CPU accelerator, DeepSpeed's comm backend compiles a shared-memory all-reduce op at
-    init_distributed (~50 s of CPU on a cold cache). One process never all-reduces across
-    processes, so mark the op unavailable: DeepSpeed then uses torch.distributed (gloo) as it does
-    whenever the op cannot be built."""
+    init_distributed (~50 s of CPU on a cold cache). Mark the op unavailable: DeepSpeed then uses
+    torch.distributed (gloo) as it does whenever the op cannot be built (one process never
+    all-reduces; a launched CPU world all-reduces the adapter's gradients only, a few MB)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -224,8 +227,9 @@ class Zero3Trainer:
         self._micro = 0
 
     # ---- the loop ---------------------------------------------------------------------------
-    def forward(self, fn: Callable, *args, **kwargs):
-        """`fn(*args, **kwargs)` through the engine (ZeRO-3 gathers each submodule's parameters)."""
+    def forward(self, fn: Callable, *args, last: bool = True, **kwargs):
+        """`fn(*args, **kwargs)` through the engine (ZeRO-3 gathers each submodule's parameters);
+        `last` is the trainer interface's (DeepSpeed counts its own accumulation boundary)."""
         if self.shared.active != self.adapter:
             raise RuntimeError(f"adapter {self.shared.active!r} is active; this engine trains {self.adapter!r}")
         return self.ds_engine(fn, *args, **kwargs)
@@ -292,8 +296,13 @@ class Zero3Trainer:
             return {self.names[id(p)]: p.detach().to("cpu", copy=True) for p in self.params}
 
     def save_adapter(self, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
-        """`SharedBase.save_adapter` with the partitioned adapter gathered first."""
+        """`SharedBase.save_adapter` with the partitioned adapter gathered first (by every rank of
+        a launched world: the gather is collective; rank 0 alone writes)."""
+        from lowmem_rlhf.runtime.distributed import world
+
         with self.gathered():
+            if not world().main:
+                return Path(out_dir)
             return self.shared.save_adapter(self.adapter, out_dir, extra_meta=extra_meta)
 
     # ---- memory -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from lowmem_rlhf.stages.rl import (
     rollout_sampler,
     score_policy,
     skip_iteration,
+    sync_adapters,
     timed,
 )
 from lowmem_rlhf.stages.scaffold import Stage
@@ -88,6 +89,7 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
         roles = build_roles(lambda: loaded, prof, rm_adapter, False, cfg.seed, critic=False)
         base_before = base_fingerprint(roles.engines["actor"])
         optimizers, schedulers = make_optimizers(roles, cfg, device, trained=("actor",), epochs=cfg.epochs)
+        sync_adapters(roles, ("actor",), device)  # data parallel: DDP over the actor's adapter
         parking = OptimizerParking(optimizers, parks(prof.optimizer, device))  # the actor's state off the device
         st.plan(Shape(prompt_len=cfg.prompt_len, response_len=cfg.response_len, rollout_batch=cfg.rollout_batch),
                 device, reward_model=rm_adapter is not None, beta=cfg.beta)
@@ -114,7 +116,8 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
 
         G = cfg.group_size
         for it in st.steps(cfg.iterations, sync):
-            pick = [i for i in sampler.draw(B // G) for _ in range(G)]  # each prompt G times, side by side
+            # each prompt G times, side by side; the global rollout (a data-parallel rank samples its share)
+            pick = [i for i in sampler.draw(B * st.world.size // G) for _ in range(G)]
             sample = rollout_sampler(roles, prompt_ids, prompt_texts, pick, tok, cfg, cfg.algo, it)
             times: dict[str, float] = {}
             roles.entries.clear()  # forwards per role, counted for this iteration's row
@@ -132,7 +135,7 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
             row = metrics_row(it, exp, stats, times, None, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device, rewards, roles, phases=PHASES, epochs=cfg.epochs)
             groups = exp.train_scores.view(-1, G)
-            row["groups_without_signal"] = int((groups.max(1).values == groups.min(1).values).sum())
+            row["groups_without_signal"] = int(st.world.total(int((groups.max(1).values == groups.min(1).values).sum())))
             row.update(loss_scales(roles, ("actor",)))
             st.log(postfix={"reward": row["reward_mean"]}, **row)
             state["rewards"].append(row["reward_mean"])
@@ -144,10 +147,11 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
 
         # ---- save -----------------------------------------------------------------------------
         meta = {"stage": cfg.algo, "merged": [str(Path(p).resolve()) for p in merged]}
-        eng.save_adapter("actor", st.out / "actor", extra_meta=meta)
+        if st.world.main:
+            eng.save_adapter("actor", st.out / "actor", extra_meta=meta)
         seen = state["rewards"]
         summary = st.finish({
-            "algo": cfg.algo, "iterations": cfg.iterations, "skipped_iterations": state["skipped"],
+            "algo": cfg.algo, "iterations": cfg.iterations, "global_rollout_batch": B * st.world.size, "skipped_iterations": state["skipped"],
             "group_size": G, "beta": cfg.beta, "merged_sft": [str(p) for p in merged],
             "reward": " + ".join(str(x) for x in (cfg.reward_model, cfg.reward, cfg.reward_cmd) if x),
             "reward_weights": rewards.weights,
@@ -161,7 +165,8 @@ def run_grpo(cfg: GRPOConfig, console=None) -> dict:
         try:
             from lowmem_rlhf.measure.plots import plot_ppo
 
-            plot_ppo(st.out / "metrics.jsonl", st.out / f"{cfg.algo}.png")
+            if st.world.main:
+                plot_ppo(st.out / "metrics.jsonl", st.out / f"{cfg.algo}.png")
         except ImportError:
             pass
     return summary

@@ -45,6 +45,7 @@ from lowmem_rlhf.stages.rl import (
     rollout_sampler,
     score_policy,
     skip_iteration,
+    sync_adapters,
     timed,
 )
 from lowmem_rlhf.stages.scaffold import Stage
@@ -78,21 +79,26 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
     """The row logged for one iteration: reward (and each reward component), KL, losses (0-d
     tensors, read here), sizes, seconds, forwards per role, and per phase the measured peak beside
     the estimator's. PPO and GRPO/RLOO (its `phases`, and its `epochs`) both log it."""
-    m, B = exp.response_mask, len(exp.seqs)
+    m, W = exp.response_mask, st.world
+    B = len(exp.seqs) * W.size  # the global batch: every figure below is over it (each rank's share summed)
     update_s = sum(times.get(f"{r}_update", 0.0) for r in ("actor", "critic"))
     epochs = cfg.ppo_epochs if epochs is None else epochs
+    tokens = W.total(float(m.sum()))
+    reward_mean = W.total(float(exp.scores.sum())) / B
     row = {
-        "iteration": it + 1, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
-        **component_means(exp, rewards),
+        "iteration": it + 1, "reward_mean": reward_mean,
+        "reward_std": (W.total(float(((exp.scores.double() - reward_mean) ** 2).sum())) / max(B - 1, 1)) ** 0.5,
+        **{k: (v if k.startswith("weight_") else W.mean(v)) for k, v in component_means(exp, rewards).items()},
         "kl": None if exp.kl is None else exp.seq_kl, "kl_coef": kl_coef,
-        "entropy": float(M.masked_mean(exp.entropy, m)),
-        "response_length": float(m.sum(-1).mean()), "samples": B, "micro_batch": mb.size, "lr": lr,
-        "train_score_mean": float(exp.train_scores.mean()),
-        "ended_fraction": 1.0 if exp.ended is None else float(exp.ended.float().mean()),
+        "entropy": W.total(float((exp.entropy * m).sum())) / max(tokens, 1.0),
+        "response_length": tokens / B, "samples": B, "micro_batch": mb.size, "lr": lr,
+        "train_score_mean": W.total(float(exp.train_scores.sum())) / B,
+        "ended_fraction": 1.0 if exp.ended is None else W.total(float(exp.ended.float().sum())) / B,
         "generation_batch": gen_mb.size, "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
-        **{k: float(v) for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},
-        "tokens_per_s_generation": float(m.sum()) / max(times["generation"], 1e-9),
-        "tokens_per_s_update": int(exp.mask.sum()) * epochs / max(update_s, 1e-9),
+        **{k: (max(W.gather(float(v))) if k.startswith(("max_", "first_max_")) else W.mean(float(v)))
+           for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},
+        "tokens_per_s_generation": tokens / max(times["generation"], 1e-9),
+        "tokens_per_s_update": W.total(int(exp.mask.sum())) * epochs / max(update_s, 1e-9),
         # this iteration's activations of each role (each runs its forwards): the stage clears them per iteration
         **{f"forwards_{r}": roles.entries.get(r, 0) for r in ("actor", "critic", "reward", "reference")
            if r in roles.engines},
@@ -131,6 +137,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
             cfg.separate_models, cfg.seed)
         base_before = base_fingerprint(roles.engines["actor"])
         optimizers, schedulers = make_optimizers(roles, cfg, device)
+        sync_adapters(roles, ("actor", "critic"), device)  # data parallel: DDP per trained adapter
         parking = OptimizerParking(optimizers, parks(prof.optimizer, device))  # idle roles' state in host RAM
         kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                   else M.FixedKLController(cfg.kl_coef))
@@ -166,7 +173,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
 
         for it in st.steps(cfg.iterations, sync):
             k = cfg.samples_per_prompt
-            pick = [i for i in sampler.draw(B // k) for _ in range(k)]  # each prompt k times, side by side
+            # each prompt k times, side by side; the global rollout (a data-parallel rank samples its share)
+            pick = [i for i in sampler.draw(B * st.world.size // k) for _ in range(k)]
             sample = rollout_sampler(roles, prompt_ids, prompt_texts, pick, tok, cfg, "ppo", it)
             times: dict[str, float] = {}
             roles.entries.clear()  # forwards per role, counted for this iteration's row
@@ -181,7 +189,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                 continue
             stats = ppo_update(roles, exp, cfg, optimizers, schedulers, mb, it + 1, order, phase,
                                on_step=lambda step_stats: st.skipped(step_stats, it + 1), parking=parking)
-            kl_ctl.update(exp.seq_kl, B)
+            kl_ctl.update(exp.seq_kl, B * st.world.size)
             row = metrics_row(it, exp, stats, times, kl_ctl.value, optimizers["actor"].param_groups[0]["lr"], mb, gen_mb,
                               st, cfg, device, rewards, roles)
             row.update(loss_scales(roles, ("actor", "critic")))
@@ -194,15 +202,16 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
 
         # ---- save -----------------------------------------------------------------------------
         meta = {"stage": "ppo", "merged": [str(Path(p).resolve()) for p in merged]}
-        roles.engines["actor"].save_adapter("actor", st.out / "actor", extra_meta=meta)
-        roles.engines["critic"].save_adapter("critic", st.out / "critic", extra_meta=meta)
+        if st.world.main:
+            roles.engines["actor"].save_adapter("actor", st.out / "actor", extra_meta=meta)
+            roles.engines["critic"].save_adapter("critic", st.out / "critic", extra_meta=meta)
         counted: dict[str, int] = {}
         for eng in roles.unique():
             for k, v in counted_components(eng.model).items():
                 counted[k] = counted.get(k, 0) + v
         rewards_seen = state["rewards"]
         summary = st.finish({
-            "iterations": cfg.iterations, "skipped_iterations": state["skipped"], "merged_sft": [str(p) for p in merged],
+            "iterations": cfg.iterations, "global_rollout_batch": B * st.world.size, "skipped_iterations": state["skipped"], "merged_sft": [str(p) for p in merged],
             "reward": " + ".join(str(x) for x in (cfg.reward_model, cfg.reward, cfg.reward_cmd) if x),
             "reward_weights": rewards.weights,
             "reward_first5": mean(rewards_seen[:5]), "reward_last5": mean(rewards_seen[-5:]),
@@ -215,7 +224,8 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
         try:
             from lowmem_rlhf.measure.plots import plot_ppo
 
-            plot_ppo(st.out / "metrics.jsonl", st.out / "ppo.png")
+            if st.world.main:
+                plot_ppo(st.out / "metrics.jsonl", st.out / "ppo.png")
         except ImportError:
             pass
     return summary

@@ -21,6 +21,7 @@ from lowmem_rlhf.algo.rewards import FunctionReward, RewardSet
 from lowmem_rlhf.algo.roles import Roles
 from lowmem_rlhf.algo.sampling import row_seeds
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.runtime.distributed import AdapterSync, world
 from lowmem_rlhf.runtime.oom import maybe_inject
 
 
@@ -90,9 +91,14 @@ def rollout_sampler(roles: Roles, prompt_ids: list[list[int]], prompt_texts: lis
                     stage: str, iteration: int) -> Callable[[int], Rollout]:
     """sample(size): the rows `pick` (prompt indices, each prompt's responses side by side) sampled
     by the actor `size` rows at a time, one random stream per row (`algo.sampling`): the rollout is
-    the same at any generation batch. Seeds are drawn here, once per iteration."""
+    the same at any generation batch. Seeds are drawn here, once per iteration. In a data-parallel
+    run `pick` is the global rollout and each rank samples its contiguous share of it (whole
+    prompts' groups when the share is a multiple of the group size), each row with the seed one
+    process would give it: N ranks sample the rollout one process with N x the batch samples."""
     torch.manual_seed(cfg.seed * 100_003 + iteration)
     seeds = row_seeds(len(pick))
+    share = world().slice(len(pick))  # a data-parallel rank samples its rows of the global rollout, with their seeds
+    pick, seeds = pick[share], seeds[share]
     record = cfg.sampler_logprobs and logprobs_at_sampling(roles.engines["actor"])  # fp32: old log-probs kept
 
     def sample(size: int) -> Rollout:
@@ -102,6 +108,17 @@ def rollout_sampler(roles: Roles, prompt_ids: list[list[int]], prompt_texts: lis
                                   seeds=seeds, record=record)
 
     return sample
+
+
+def sync_adapters(roles: Roles, trained: tuple[str, ...], device: torch.device) -> None:
+    """In a data-parallel run: each trained role's gradients averaged across the ranks by DDP over
+    that adapter's parameters (`runtime.distributed.AdapterSync`, built while the role is active;
+    rank 0's values broadcast to all). Nothing in one process."""
+    if world().size == 1:
+        return
+    for role in trained:
+        with roles.role(role) as eng:
+            eng.grad_sync[role] = AdapterSync(eng.parameters_of(role), device)
 
 
 def component_means(exp: Experience, rewards: RewardSet) -> dict[str, float]:
@@ -135,4 +152,4 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-__all__ = ["check_rollout", "skip_iteration", "check_not_all_skipped", "loss_scales", "eval_function", "score_policy", "rollout_sampler", "component_means", "timed", "mean"]
+__all__ = ["check_rollout", "skip_iteration", "check_not_all_skipped", "loss_scales", "eval_function", "score_policy", "rollout_sampler", "sync_adapters", "component_means", "timed", "mean"]

@@ -53,9 +53,9 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             state["eval_before"] = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device)
 
         # ---- loop -----------------------------------------------------------------------------
-        losses, accs = state["losses"], state["accs"]
+        losses, accs, W = state["losses"], state["accs"], st.world
         for step in st.steps(cfg.max_steps):
-            rows = [train[i] for i in sampler.draw(cfg.batch)]
+            rows = [train[i] for i in sampler.draw(cfg.batch * W.size)[W.slice(cfg.batch * W.size)]]  # this rank's
 
             def accumulate(size: int) -> tuple[float, int]:
                 total, correct = 0.0, 0
@@ -63,7 +63,8 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
                     maybe_inject("rm", step + 1, size, "start" if i == 0 else "mid")
                     chunk = rows[i: i + size]
                     rc, rr = trainer.forward(pair_scores, engine, [r["chosen_ids"] for r in chunk],
-                                             [r["rejected_ids"] for r in chunk], tok.pad_token_id, device)
+                                             [r["rejected_ids"] for r in chunk], tok.pad_token_id, device,
+                                             last=i + size >= len(rows))
                     loss = pair_loss(rc, rr)
                     trainer.backward(loss / len(rows))
                     total += float(loss.detach())
@@ -76,20 +77,21 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
             with st.meter.phase("train_step"):
                 (step_loss, correct), stats = mb.run(step + 1, train_step, trainer.reset)
             st.skipped(stats, step + 1)
-            losses.append(step_loss / len(rows))
-            accs.append(correct / len(rows))
+            losses.append(W.mean(step_loss) / len(rows))  # every rank has len(rows): the global mean
+            accs.append(W.mean(correct) / len(rows))
             state["micro_batch"] = mb.size
             st.log(postfix={"loss": losses[-1], "acc": accs[-1]}, step=step + 1, loss=losses[-1], accuracy=accs[-1],
-                   lr=stats["lr"], grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   lr=stats["lr"], grad_norm=stats["grad_norm"], samples=len(rows) * W.size, micro_batch=mb.size,
                    **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), seconds=st.step_seconds,
                    **{f"peak_{k}": v for k, v in st.meter.last["train_step"].items()})
         after = evaluate_pairs(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save -----------------------------------------------------------------------------
-        trainer.save_adapter(st.out / "adapter", extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
+        trainer.save_adapter(st.out / "adapter",  # rank 0 writes
+                             extra_meta={"stage": "rm", "merged": [str(p.resolve()) for p in merged]})
         return st.finish({
-            "steps": cfg.max_steps, "merged_sft": [str(p) for p in merged], "train_pairs": len(train),
+            "steps": cfg.max_steps, "global_batch": cfg.batch * W.size, "merged_sft": [str(p) for p in merged], "train_pairs": len(train),
             "eval_pairs": len(held), "loss_first": losses[0], "loss_last": losses[-1],
             "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
             "train_accuracy_last5": sum(accs[-5:]) / len(accs[-5:]),

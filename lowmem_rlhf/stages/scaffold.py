@@ -12,6 +12,11 @@
 
 A stage is this scaffold plus its step functions (`algo/`). The folder is renamed to RUN/<stage>
 only when `finish` has run and the block exits cleanly.
+
+Under a launcher (`torchrun --nproc_per_node N`, `runtime/distributed.py`) every rank runs the
+same stage on its share of the batch; rank 0 alone prints, writes the run folder (config.json,
+metrics, checkpoints, summary.json, adapters) and renames it; the others read it (--resume). A
+stop signal seen by any rank stops all of them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -27,17 +32,20 @@ import torch
 
 from lowmem_rlhf.config import Shape, StageConfig
 from lowmem_rlhf.data import EpochSampler
+from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.memory import MemoryMeter
 from lowmem_rlhf.measure.report import memory_report
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import LoadedModel, load_model
 from lowmem_rlhf.plan.estimator import Estimate, estimate
 from lowmem_rlhf.runtime import checkpoint
+from lowmem_rlhf.runtime.distributed import world
 from lowmem_rlhf.runtime.oom import MicroBatch, cap_vram, free_memory, learned_cap
 from lowmem_rlhf.runtime.optim import NonFiniteGuard
 from lowmem_rlhf.runtime.runs import (
     MetricsWriter,
     check_resume_config,
+    partial_dir,
     progress_bar,
     stage_dir,
     write_json,
@@ -56,7 +64,8 @@ class Stage:
     def __init__(self, cfg: StageConfig, name: str, title: str, console=None, step_key: str = "step"):
         self.cfg, self.name, self.title, self.key = cfg, name, title, step_key
         self.profile = cfg.profile
-        self.say = console.print if console else print
+        self.world = world()  # one process, or this rank of a data-parallel run
+        self.say = (console.print if console else print) if self.world.main else (lambda *a, **k: None)
         self.merged: list[Path] = []
         self.parts: dict | None = None
         self.state: dict[str, Any] = {}
@@ -71,10 +80,15 @@ class Stage:
         if self.cfg.max_vram is not None and cap_vram(self.cfg.max_vram) is None:
             self.say(f"note: --max-vram {self.cfg.max_vram:g} caps a CUDA GPU's memory; none is here, nothing capped")
         with contextlib.ExitStack() as stack:  # unwound here if the resume check fails
-            self.out = stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
+            if self.world.main:  # the others read what rank 0 made ready (a failure there stops them all)
+                self.out = stack.enter_context(stage_dir(self.cfg.out, self.name, self.cfg.overwrite, self.cfg.resume))
+            self.world.barrier()
+            if not self.world.main:
+                self.out = partial_dir(self.cfg.out, self.name)
             self.stop = stack.enter_context(StopOnSignal(self.say))
             if self.cfg.resume:
                 check_resume_config(self.out, self.cfg)
+                check_resume_world(self.out, self.world.size)
             self._stack = stack.pop_all()
         return self
 
@@ -93,11 +107,17 @@ class Stage:
 
     def plan(self, shape: Shape, device: torch.device, **kw: Any) -> Estimate:
         """The estimate for this run's shape, written with the resolved config; starts the meter."""
-        self.est = estimate(self.loaded.spec, self.profile, self.name, shape, target=device.type, **kw)
-        if not self.cfg.resume:
+        self.est = estimate(self.loaded.spec, self.profile, self.name, shape, target=device.type,
+                            data_parallel=self.world.size > 1, **kw)
+        if not self.cfg.resume and self.world.main:
             write_stage_config(self.out, self.title, self.cfg, self.profile, self.est, merged=self.merged,
-                               source=self.loaded.source)
+                               source=self.loaded.source, world_size=self.world.size)
         self.meter = MemoryMeter(device.type)
+        if self.world.size > 1:
+            rows = shape.batch if self.name in ("sft", "rm") else shape.rollout_batch
+            self.say(f"data parallel: {self.world.size} processes ({self.world.backend}); the estimate is per process "
+                     f"(each holds the whole base and its adapters); global batch {self.world.size} x {rows} = "
+                     f"{self.world.size * rows}")
         return self.est
 
     def single_adapter(self, adapter: str, with_head: bool, rows: int, state: dict[str, Any]):
@@ -112,7 +132,7 @@ class Stage:
         mb = self.micro_batch(cfg.batch, knob=f"--max-len (now {cfg.max_len})")
         trainer = make_trainer(engine, adapter, prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
                                cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
-        mb.elastic = trainer.elastic
+        mb.elastic = mb.elastic and trainer.elastic
         self.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), trainer.device)
         sampler = EpochSampler(rows, cfg.seed)
         parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
@@ -125,17 +145,19 @@ class Stage:
         what an earlier out-of-memory in this run folder fell back to. key: its name in RUN/oom.jsonl."""
         key, start = key or self.name, start or self.profile.micro_batch
         size = min(start, want, learned_cap(self.cfg.out, key, self.profile.name) or start)
-        return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob)
+        # ranks step together: one cannot halve its micro-batch alone after an out-of-memory
+        return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob, elastic=self.world.size == 1,
+                          fixed=f"a data-parallel run ({self.world.size} processes)" if self.world.size > 1 else "")
 
     def resume(self, state: dict[str, Any], parts: dict | None, total: int) -> dict[str, Any]:
         """The loop state, restored with `parts` (adapters, optimizers, samplers) from the newest
         checkpoint when --resume; parts None: this trainer keeps no checkpoint (ZeRO-3)."""
         self.state, self.parts = {self.key: 0, "seconds": 0.0, **state}, parts
-        self.resumed = checkpoint.resume(self.out, self.cfg.resume, self.state, parts)
+        self.resumed = checkpoint.resume(self.out, self.cfg.resume, self.state, parts, rank=self.world.rank)
         if self.resumed is not None:
             self.say(f"resuming {self.title} from {self.resumed} ({self.key} {self.state[self.key]} of {total})")
         keep = (self.key, self.state[self.key]) if self.resumed else None
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl", keep=keep)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.world.main else None, keep=keep)
         return self.state
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -143,9 +165,10 @@ class Stage:
         """Steps from where the run stands to `total`. After each (also one the body skipped with
         `continue`): sync() brings the loop state up to date, then the step count and seconds, the
         progress bar, a checkpoint every cfg.save_every, a stop on a signal."""
-        self.bar = progress_bar(total, self.title, self.cfg.progress)
+        self.bar = progress_bar(total, self.title, self.cfg.progress and self.world.main)
         self.bar.update(self.state[self.key])
-        make_state = self.parts and (lambda: checkpoint.capture(loop=self.state, **self.parts))
+        make_state = self.parts and self._make_state
+        stop = _WorldStop(self.stop, self.world)
         first, self._eta_said = self.state[self.key], False
         for step in range(first, total):
             self.threads.update()
@@ -156,8 +179,18 @@ class Stage:
             self.state["seconds"] += self.step_seconds
             self.bar.update(1)
             self._eta(step + 1 - first, total - step - 1)
-            checkpoint.at_step_end(self.out, step + 1, total, self.cfg.save_every, self.stop, make_state, self.title)
+            stop.poll()
+            checkpoint.at_step_end(self.out, step + 1, total, self.cfg.save_every, stop, make_state, self.title,
+                                   write=self.world.main)
         self.bar.close()
+
+    def _make_state(self) -> dict[str, Any] | None:
+        """What a checkpoint holds; in a data-parallel run every rank's random state too (gathered:
+        every rank calls this at the same step), and only rank 0 captures the rest (None elsewhere)."""
+        ranks = self.world.gather(checkpoint.rng_state()) if self.world.size > 1 else None
+        if not self.world.main:
+            return None
+        return {**checkpoint.capture(loop=self.state, **self.parts), **({"rng_ranks": ranks} if ranks else {})}
 
     def _eta(self, done: int, left: int) -> None:
         """Once, after the first steps: seconds per step and the time left (the first step holds
@@ -202,13 +235,46 @@ class Stage:
     # ---- save ---------------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any], counted: dict[str, int]) -> dict[str, Any]:
         """summary.json: what the stage reports, its wall seconds and estimated vs measured memory."""
-        out = {"stage": self.name, "model": self.loaded.source, "profile": self.profile.name, **summary,
+        out = {"stage": self.name, "model": self.loaded.source, "profile": self.profile.name,
+               "world_size": self.world.size, **summary,
                "nonfinite_skips": self.state.get("nonfinite_skips", 0),
                "overflow_skips": self.state.get("overflow_skips", 0),
                "seconds": self.state["seconds"], "memory": memory_report(self.est, self.meter.peaks, counted)}
         self.metrics.close()
-        write_json(self.out / "summary.json", out)
+        if self.world.main:
+            write_json(self.out / "summary.json", out)
         return out
+
+
+class _WorldStop:
+    """StopOnSignal's view for `checkpoint.at_step_end`, agreed across ranks: poll() once per step
+    end makes `requested` true on every rank when a signal reached any of them, so all stop (and
+    take their part in the checkpoint) at the same step."""
+
+    def __init__(self, local: StopOnSignal, w):
+        self.local, self.world, self.requested = local, w, False
+
+    def poll(self) -> None:
+        self.requested = self.world.any(self.local.requested)
+
+    @property
+    def name(self) -> str:
+        return self.local.name or "a signal to another process"
+
+
+def check_resume_world(out: Path, size: int) -> None:
+    """--resume in a world of the size that wrote the checkpoint (the batch split and each rank's
+    random state depend on it), else one line."""
+    import json
+
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return
+    was = json.loads(path.read_text()).get("world_size", 1)
+    if was != size:
+        launch = "without a launcher" if was == 1 else f"under torchrun --nproc_per_node {was}"
+        raise UserError(f"--resume: {out} was run by {was} process(es), this is {size}; resume it {launch}, or "
+                        "start over with --overwrite")
 
 
 def _duration(seconds: float) -> str:

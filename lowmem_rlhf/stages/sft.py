@@ -49,10 +49,11 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             state["eval_before"] = eval_loss(engine, held, tok.pad_token_id, mb.size, device)
 
         # ---- loop -----------------------------------------------------------------------------
-        losses = state["losses"]
+        losses, W = state["losses"], st.world
         for step in st.steps(cfg.max_steps):
-            rows = [train[i] for i in sampler.draw(cfg.batch)]
-            n_tokens = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+            rows = [train[i] for i in sampler.draw(cfg.batch * W.size)[W.slice(cfg.batch * W.size)]]  # this rank's
+            # the loss is a token mean over the global batch: each rank divides by its share of the count
+            n_tokens = W.share(sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows))
 
             def accumulate(size: int) -> float:
                 total = 0.0
@@ -61,7 +62,8 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
                     chunk = rows[i: i + size]
                     batch = D.collate_right([r["input_ids"] for r in chunk], tok.pad_token_id,
                                             [r["labels"] for r in chunk])
-                    loss, _ = trainer.forward(completion_loss, engine, {k: v.to(device) for k, v in batch.items()})
+                    loss, _ = trainer.forward(completion_loss, engine, {k: v.to(device) for k, v in batch.items()},
+                                              last=i + size >= len(rows))
                     trainer.backward(loss / max(n_tokens, 1))
                     total += float(loss.detach())
                 return total
@@ -72,11 +74,11 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
             with st.meter.phase("train_step"):
                 step_loss, stats = mb.run(step + 1, train_step, trainer.reset)
             st.skipped(stats, step + 1)
-            losses.append(step_loss / max(n_tokens, 1))
+            losses.append(W.mean(step_loss) / max(n_tokens, 1))
             state["micro_batch"] = mb.size
-            seq_tokens, dt = sum(len(r["input_ids"]) for r in rows), st.step_seconds
+            seq_tokens, dt = int(W.total(sum(len(r["input_ids"]) for r in rows))), st.step_seconds
             st.log(postfix={"loss": losses[-1]}, step=step + 1, loss=losses[-1], lr=stats["lr"],
-                   grad_norm=stats["grad_norm"], samples=len(rows), micro_batch=mb.size,
+                   grad_norm=stats["grad_norm"], samples=len(rows) * W.size, micro_batch=mb.size,
                    **{k: stats[k] for k in ("loss_scale",) if k in stats},
                    oom_retries=sum(1 for e in mb.events if e["step"] == step + 1), tokens=seq_tokens,
                    seconds=dt, tokens_per_s=seq_tokens / dt,
@@ -84,9 +86,9 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         eval_after = eval_loss(engine, held, tok.pad_token_id, mb.size, device) if held else None
 
         # ---- save -----------------------------------------------------------------------------
-        trainer.save_adapter(st.out / "adapter", extra_meta={"stage": "sft"})
+        trainer.save_adapter(st.out / "adapter", extra_meta={"stage": "sft"})  # rank 0 writes
         return st.finish({
-            "steps": cfg.max_steps, "train_examples": len(train), "eval_examples": len(held),
+            "steps": cfg.max_steps, "global_batch": cfg.batch * W.size, "train_examples": len(train), "eval_examples": len(held),
             "loss_first": losses[0], "loss_last": losses[-1],
             "loss_first5": sum(losses[:5]) / len(losses[:5]), "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
             "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
