@@ -748,11 +748,11 @@ def _print_eval_summary(summary: dict) -> None:
 
 def _shape_defaults(max_len: Optional[int], batch: Optional[int], gpu: Optional[str],
                     max_vram: Optional[float]) -> tuple[int, int]:
-    """--max-len and --batch, where not given, for the device the planner targets (`config.SHAPE_DEFAULTS`)."""
-    from lowmem_rlhf.config import SHAPE_DEFAULTS
+    """--max-len and --batch, where not given, for the device the planner targets (`config.shape_defaults`)."""
+    from lowmem_rlhf.config import shape_defaults
 
-    d = SHAPE_DEFAULTS["cuda" if _hardware(gpu, None, None, max_vram).device == "cuda" else "cpu"]
-    return (d["max_len"] if max_len is None else max_len), (d["batch"] if batch is None else batch)
+    d = shape_defaults(_hardware(gpu, None, None, max_vram).device, max_len=max_len, batch=batch)
+    return d["max_len"], d["batch"]
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
@@ -938,8 +938,8 @@ DATA_PARALLEL = ("sft", "rm", "ppo", "grpo")
 
 def _data_parallel(argv: list[str]) -> str:
     """Under a launcher (WORLD_SIZE > 1): only the training stages run, each rank joins the process
-    group, and the ranks other than 0 print nothing to stdout (their errors still reach stderr,
-    prefixed "rank N: "). -> that prefix ("" for rank 0 and one process)."""
+    group, and the ranks other than 0 print nothing to stdout and no warnings (their errors still
+    reach stderr, prefixed "rank N: "). -> that prefix ("" for rank 0 and one process)."""
     from lowmem_rlhf.runtime.distributed import launched, world
 
     if launched() <= 1:
@@ -952,8 +952,10 @@ def _data_parallel(argv: list[str]) -> str:
     if w.main:
         return ""
     import os
+    import warnings
 
     sys.stdout = open(os.devnull, "w")  # rank 0 prints the run; the console writes to sys.stdout
+    warnings.simplefilter("ignore")  # rank 0 shows the libraries' warnings once
     return f"rank {w.rank}: "
 
 

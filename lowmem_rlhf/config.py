@@ -291,11 +291,16 @@ class StageConfig:
 SHAPE_DEFAULTS = {"cuda": {"max_len": 512, "batch": 16}, "cpu": {"max_len": 256, "batch": 8}}
 
 
-def with_shape_defaults(cfg, target: str):
-    """`cfg` (SFT or RM) with the shape knobs the user left unset filled for `target` ("cuda", or
-    "cpu" for anything else)."""
+def shape_defaults(target: str, **given: int | None) -> dict[str, int]:
+    """SFT/RM's shape knobs (max_len, batch): the `given` ones, and SHAPE_DEFAULTS for `target`
+    ("cuda", or "cpu" for anything else) where a knob is None."""
     d = SHAPE_DEFAULTS["cuda" if target == "cuda" else "cpu"]
-    return dataclasses.replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
+    return {k: v if given.get(k) is None else given[k] for k, v in d.items()}
+
+
+def with_shape_defaults(cfg, target: str):
+    """`cfg` (SFT or RM) with the shape knobs the user left unset filled for `target`."""
+    return dataclasses.replace(cfg, **shape_defaults(target, **{k: getattr(cfg, k) for k in SHAPE_DEFAULTS["cpu"]}))
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -35,11 +36,21 @@ def rss() -> int:
         return psutil.Process().memory_info().rss
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, opened once (None where there is none: musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _trim() -> None:
     """Return freed heap to the OS (glibc keeps it, and RSS with it), so a phase's sampled peak is
     what that phase holds, not memory freed long ago. It does not touch VmHWM."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(AttributeError):
+        if (libc := _libc()) is not None:
+            libc.malloc_trim(0)
 
 
 class RssSampler:
