@@ -782,10 +782,12 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)
-    from lowmem_rlhf.runtime.distributed import local_processes
+    from lowmem_rlhf.runtime.distributed import launched, local_processes, world
 
-    return choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,),
-                          processes=local_processes()).profile
+    prof = choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,),
+                          processes=local_processes(), data_parallel=launched() > 1).profile
+    # each rank reads its own card's free memory: rank 0's pick is every rank's (DDP needs one model)
+    return world().gather(prof)[0] if launched() > 1 else prof
 
 
 def _print_summary(summary: dict, title: str) -> None:

@@ -305,3 +305,27 @@ def test_ddp_buckets_are_what_the_estimator_counts(tiny_llama, stage, monkeypatc
     assert "ddp_buckets" not in estimate(shared.loaded.spec, prof, stage, Shape(seq_len=64, batch=2, prompt_len=16,
                                                                                  response_len=8, rollout_batch=2),
                                          target="cpu").phases[0].components
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_one_checkpoint(byte_llama, tmp_path):
+    """torchrun passes SIGTERM to its workers; the ranks agree on the step to stop after, rank 0
+    writes the checkpoint, and every rank waits for it before exiting (torchrun kills the rest once
+    one exits)."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(_cmd(_sft(byte_llama, run, 2, "--profile", "qlora-shared", "--max-steps", "400"), 2),
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = partial_dir(run, "sft") / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    ckpt = checkpoint.latest(partial_dir(run, "sft"))
+    assert ckpt is not None
+    k = checkpoint.step_of(ckpt)
+    assert 2 <= k < 400 and len(metrics.read_text().splitlines()) == k
+    assert f"stopped: SFT stopped by SIGTERM after step {k} of 400; checkpoint saved" in err
+    assert f"rank 1: stopped: SFT stopped by SIGTERM after step {k} of 400 (rank 0 saved the checkpoint)" in err

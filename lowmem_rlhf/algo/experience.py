@@ -84,6 +84,8 @@ class Experience(Rollout):
         if self.kl is None:  # no reference forward (GRPO with --beta 0): the KL was not measured
             return float("nan")
         w = world()
+        if w.size == 1:
+            return float(M.masked_mean(self.kl, m) * m.sum() / len(m))
         return w.total(float((self.kl * m).sum())) / (len(m) * w.size)
 
 

@@ -180,10 +180,12 @@ class RunningMoments:
         """reduce: a sum over the processes of a data-parallel run: the moments take the global
         batch (every process updates them alike); None: this batch alone."""
         x = scores.detach().double()
-        red = reduce or (lambda t: t)
-        nsum = red(torch.stack([x.new_tensor(float(len(x))), x.sum()]))
-        n, m = float(nsum[0]), float(nsum[1] / nsum[0])
-        v = float(red(((x - m) ** 2).sum())) / n if n > 1 else 0.0
+        if reduce is None:
+            n, m, v = float(len(x)), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
+        else:  # the global batch's count, mean and (biased) variance, two passes
+            nsum = reduce(torch.stack([x.new_tensor(float(len(x))), x.sum()]))
+            n, m = float(nsum[0]), float(nsum[1] / nsum[0])
+            v = float(reduce(((x - m) ** 2).sum())) / n if n > 1 else 0.0
         total = self.count + n
         delta = m - self.mean
         var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total

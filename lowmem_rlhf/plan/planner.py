@@ -119,12 +119,12 @@ def adapt_to_hardware(profile: Profile, hw: Hardware) -> tuple[Profile | None, s
 
 
 def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages,
-              processes: int = 1) -> Candidate:
+              data_parallel: bool = False) -> Candidate:
     target = hw.device
     budget, what = budget_bytes(hw)
     usable = int(budget * (1 - SAFETY_MARGIN))
     ests = {s: estimate(spec, profile, s, shape, target=target, reward_model="rm" in stages,
-                        data_parallel=processes > 1) for s in stages}
+                        data_parallel=data_parallel) for s in stages}
     worst_stage, worst_short = None, 0
     for s, e in ests.items():
         need = e.device if target == "cuda" else e.cpu_ram
@@ -169,10 +169,12 @@ def _halvings(mb: int) -> list[int]:
 
 
 def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-         stages: tuple[str, ...] = STAGES, processes: int = 1) -> Plan:
+         stages: tuple[str, ...] = STAGES, processes: int = 1, data_parallel: bool | None = None) -> Plan:
     """Try every profile (in rank order) at decreasing micro-batch; keep every verdict. processes:
     data-parallel processes on this node, each planned as one card with its own share of the
-    node's CPU RAM (shape.batch and shape.rollout_batch are per process)."""
+    node's CPU RAM (shape.batch and shape.rollout_batch are per process); data_parallel (default:
+    processes > 1): one process of a launched world (DDP's buckets counted), also where it is the
+    node's only one."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of {', '.join(STAGES)}")
@@ -203,7 +205,8 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         for ckpt, mb in trials:
             for g in gens:
                 cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt, generation_batch=g)
-                cand = _evaluate(spec, cand_prof, shape, hw, stages, processes)
+                cand = _evaluate(spec, cand_prof, shape, hw, stages,
+                                 processes > 1 if data_parallel is None else data_parallel)
                 cand.grad_accum = math.ceil(shape.batch / mb)
                 best = cand
                 if cand.fits or not _generation_bound(cand, hw):
@@ -267,10 +270,10 @@ def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
 
 
 def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-                   stages: tuple[str, ...], processes: int = 1) -> Candidate:
+                   stages: tuple[str, ...], processes: int = 1, data_parallel: bool | None = None) -> Candidate:
     """The planner's pick (`Plan.chosen`, as `lowmem-rlhf plan` shows it), or a one-line NoFit
     error with advice."""
-    p = plan(spec, hw, shape, runnable_profiles(profiles), stages, processes)
+    p = plan(spec, hw, shape, runnable_profiles(profiles), stages, processes, data_parallel)
     if p.chosen is None:
         raise no_fit(p)
     return p.chosen

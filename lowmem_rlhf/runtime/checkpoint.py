@@ -104,10 +104,12 @@ def resume(stage_dir: Path, enabled: bool, state: dict, parts: dict, rank: int =
 
 
 def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, make_state, what: str,
-                write: bool = True) -> None:
+                write: bool = True, saved=lambda: None) -> None:
     """Called after each completed step: a periodic checkpoint every `save_every` steps, and on a
     pending SIGINT/SIGTERM a checkpoint followed by `Interrupted`. write False: make_state() runs
-    (a data-parallel run gathers every rank's part of it) but another process writes it."""
+    (a data-parallel run gathers every rank's part of it) but another process writes it. saved():
+    on a stop, called by every process once the checkpoint is written, before any raises (a
+    barrier: a launcher kills the rest once one process exits)."""
     from lowmem_rlhf.runtime.stopping import Interrupted
 
     periodic = save_every > 0 and step % save_every == 0 and step < total
@@ -121,10 +123,12 @@ def at_step_end(stage_dir: Path, step: int, total: int, save_every: int, stop, m
     state = make_state()
     if not write:
         if stop.requested:
+            saved()
             raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total} (rank 0 saved the checkpoint)")
         return
     path = save(stage_dir, step, state)
     if stop.requested:
+        saved()
         raise Interrupted(f"{what} stopped by {stop.name} after step {step} of {total}; checkpoint saved in "
                           f"{path}; run the same command with --resume to continue")
 

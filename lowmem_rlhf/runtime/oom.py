@@ -183,7 +183,7 @@ class MicroBatch:
             free_memory()
             failed = self.size
             if not self.elastic and failed > 1:
-                self._log(step, failed, failed, error)
+                self._log(step, failed, failed // 2, error)  # a re-run starts at the size advised below
                 raise UserError(
                     f"out of memory in {self.stage} step {step} at micro-batch {failed}, which "
                     f"{self.fixed or f'this profile ({self.profile})'} cannot change mid-run: set micro_batch: {failed // 2} in a copy of the "
@@ -202,6 +202,10 @@ class MicroBatch:
                "profile": self.profile, "failed_micro_batch": failed, "micro_batch": now,
                "error": error}
         self.events.append(row)
+        from lowmem_rlhf.runtime.distributed import world
+
+        if not world().main:  # rank 0 alone writes the run folder (this rank's error line says it all)
+            return
         with (self.run_dir / LOG).open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -84,16 +84,22 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
     update_s = sum(times.get(f"{r}_update", 0.0) for r in ("actor", "critic"))
     epochs = cfg.ppo_epochs if epochs is None else epochs
     tokens = W.total(float(m.sum()))
-    reward_mean = W.total(float(exp.scores.sum())) / B
+
+    def mean_of(t: torch.Tensor) -> float:  # over the global batch's rows
+        return float(t.mean()) if W.size == 1 else W.total(float(t.sum())) / B
+
+    reward_mean = mean_of(exp.scores)
     row = {
         "iteration": it + 1, "reward_mean": reward_mean,
-        "reward_std": (W.total(float(((exp.scores.double() - reward_mean) ** 2).sum())) / max(B - 1, 1)) ** 0.5,
+        "reward_std": float(exp.scores.std()) if W.size == 1 else
+        (W.total(float(((exp.scores.double() - reward_mean) ** 2).sum())) / max(B - 1, 1)) ** 0.5,
         **{k: (v if k.startswith("weight_") else W.mean(v)) for k, v in component_means(exp, rewards).items()},
         "kl": None if exp.kl is None else exp.seq_kl, "kl_coef": kl_coef,
-        "entropy": W.total(float((exp.entropy * m).sum())) / max(tokens, 1.0),
-        "response_length": tokens / B, "samples": B, "micro_batch": mb.size, "lr": lr,
-        "train_score_mean": W.total(float(exp.train_scores.sum())) / B,
-        "ended_fraction": 1.0 if exp.ended is None else W.total(float(exp.ended.float().sum())) / B,
+        "entropy": float(M.masked_mean(exp.entropy, m)) if W.size == 1 else
+        W.total(float((exp.entropy * m).sum())) / max(tokens, 1.0),
+        "response_length": float(m.sum(-1).mean()) if W.size == 1 else tokens / B, "samples": B,
+        "micro_batch": mb.size, "lr": lr, "train_score_mean": mean_of(exp.train_scores),
+        "ended_fraction": 1.0 if exp.ended is None else mean_of(exp.ended.float()),
         "generation_batch": gen_mb.size, "oom_retries": sum(1 for e in mb.events + gen_mb.events if e["step"] == it + 1),
         **{k: (max(W.gather(float(v))) if k.startswith(("max_", "first_max_")) else W.mean(float(v)))
            for k, v in stats.items()}, **{f"seconds_{k}": v for k, v in times.items()},

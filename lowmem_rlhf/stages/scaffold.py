@@ -133,6 +133,8 @@ class Stage:
         trainer = make_trainer(engine, adapter, prof, cfg.lr if cfg.lr is not None else prof.learning_rate,
                                cfg.max_steps, mb.size, math.ceil(cfg.batch / mb.size))
         mb.elastic = mb.elastic and trainer.elastic
+        if self.world.rank > 0:  # after DDP's broadcast: each rank's own dropout masks (kept per rank in checkpoints)
+            torch.manual_seed(cfg.seed + 7919 * self.world.rank)
         self.plan(Shape(seq_len=cfg.max_len, batch=cfg.batch), trainer.device)
         sampler = EpochSampler(rows, cfg.seed)
         parts = {**trainer.checkpoint_parts(), "samplers": {"train": sampler}} if trainer.resumable else None
@@ -145,9 +147,11 @@ class Stage:
         what an earlier out-of-memory in this run folder fell back to. key: its name in RUN/oom.jsonl."""
         key, start = key or self.name, start or self.profile.micro_batch
         size = min(start, want, learned_cap(self.cfg.out, key, self.profile.name) or start)
-        # ranks step together: one cannot halve its micro-batch alone after an out-of-memory
-        return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob, elastic=self.world.size == 1,
-                          fixed=f"a data-parallel run ({self.world.size} processes)" if self.world.size > 1 else "")
+        # ranks step together: one cannot halve its training micro-batch alone after an out-of-memory
+        # (generation has no collectives and samples the same rollout at any size: it may)
+        fixed = self.world.size > 1 and "generation" not in key
+        return MicroBatch(size, key, self.cfg.out, self.profile.name, knob=knob, elastic=not fixed,
+                          fixed=f"a data-parallel run ({self.world.size} processes)" if fixed else "")
 
     def resume(self, state: dict[str, Any], parts: dict | None, total: int) -> dict[str, Any]:
         """The loop state, restored with `parts` (adapters, optimizers, samplers) from the newest
@@ -181,7 +185,7 @@ class Stage:
             self._eta(step + 1 - first, total - step - 1)
             stop.poll()
             checkpoint.at_step_end(self.out, step + 1, total, self.cfg.save_every, stop, make_state, self.title,
-                                   write=self.world.main)
+                                   write=self.world.main, saved=self.world.barrier)
         self.bar.close()
 
     def _make_state(self) -> dict[str, Any] | None:
