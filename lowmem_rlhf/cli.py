@@ -270,8 +270,8 @@ def plan(
     if simulate:
         from lowmem_rlhf.measure.simulate import simulate as run_simulation
 
-        sims = [run_simulation(model, p.chosen.profile, st, p.shape, reward_model="rm" in p.stages)
-                for st in p.stages]
+        sims = [run_simulation(model, p.chosen.profile, st, p.shape, reward_model="rm" in p.stages,
+                               data_parallel=nproc > 1) for st in p.stages]
         if as_json:
             d = p.to_dict()
             d["simulation"] = {s.stage: s.to_dict() for s in sims}

@@ -107,3 +107,18 @@ def test_cli_estimate_and_plan_simulate(capsys):
     d = json.loads(run(["plan", "--model", "gpt2", "--gpu", "3090", "--stages", "sft", "--seq-len", "64",
                         "--simulate", "--json"]))
     assert d["chosen"] and "sft" in d["simulation"]
+
+
+def test_a_data_parallel_process_holds_ddp_buckets_in_every_phase():
+    """One process of a launched world: every simulated phase holds DDP's gradient buckets on top of
+    the one-process rehearsal, as the estimator counts them (their size is checked against real DDP
+    in tests/test_distributed.py), and the two still agree."""
+    from lowmem_rlhf.plan.estimator import ddp_bucket_bytes
+
+    one = simulate("gpt2", _prof(), "ppo", SMALL)
+    dp = simulate("gpt2", _prof(), "ppo", SMALL, data_parallel=True)
+    bucket = ddp_bucket_bytes(build_meta_model("gpt2", _prof()).spec, _prof(), "ppo")
+    assert bucket > 0 and [p.name for p in dp.phases] == [p.name for p in one.phases]
+    for a, b in zip(one.phases, dp.phases):
+        assert b.by_tag["ddp_buckets"] == bucket
+        assert b.peak == a.peak + bucket and b.analytic == a.analytic + bucket

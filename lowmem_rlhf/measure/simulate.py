@@ -53,6 +53,7 @@ from lowmem_rlhf.plan.estimator import (
     CUDA_CONTEXT_BYTES,
     GIB,
     Estimate,
+    ddp_bucket_bytes,
     estimate,
 )
 
@@ -511,15 +512,20 @@ def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: s
 
 
 def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_model: bool = True,
-             beta: float | None = None) -> Simulation:
+             beta: float | None = None, data_parallel: bool = False) -> Simulation:
     """Build `model` on meta, rehearse one step of `stage`, and set it beside the estimator
-    (GRPO/RLOO: with a reward model or not, at KL weight beta)."""
+    (GRPO/RLOO: with a reward model or not, at KL weight beta). data_parallel: one process of a
+    launched world, which also holds DDP's gradient buckets in every phase; DDP cannot be built on
+    meta tensors (it reads values at construction), so they are added as a registered storage of
+    the estimator's size, which tests/test_distributed.py checks against real DDP."""
     if stage not in STAGES:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     t0 = time.time()
     loaded = build_meta_model(model, profile)
     phases, _, kv = rehearse(loaded, profile, stage, shape, reward_model=reward_model, beta=beta)
-    est = estimate(loaded.spec, profile, stage, shape, target="cuda", reward_model=reward_model, beta=beta)
+    est = estimate(loaded.spec, profile, stage, shape, target="cuda", reward_model=reward_model, beta=beta,
+                   data_parallel=data_parallel)
+    buckets = ddp_bucket_bytes(loaded.spec, profile, stage) if data_parallel and profile.offload != "zero3" else 0
     by_name = {p.name: p for p in est.phases}
     out = []
     for name, ph in phases.items():
@@ -527,8 +533,10 @@ def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_mode
         tags = dict(ph.by_tag)
         if paged:
             tags["optimizer"] = 0
+        if buckets:
+            tags["ddp_buckets"] = buckets
         a = by_name[name]
-        out.append(SimPhase(name, ph.peak - paged, tags, paged, a.allocated, dict(a.components)))
+        out.append(SimPhase(name, ph.peak - paged + buckets, tags, paged, a.allocated, dict(a.components)))
     notes = []
     if profile.paged:
         notes.append(f"{profile.optimizer}: optimizer state is paged (unified memory), shown outside allocated")
