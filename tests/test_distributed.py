@@ -329,3 +329,17 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_one_checkpoin
     assert 2 <= k < 400 and len(metrics.read_text().splitlines()) == k
     assert f"stopped: SFT stopped by SIGTERM after step {k} of 400; checkpoint saved" in err
     assert f"rank 1: stopped: SFT stopped by SIGTERM after step {k} of 400 (rank 0 saved the checkpoint)" in err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_data_parallel_stage(byte_llama, tmp_path):
+    """The README's `accelerate launch --multi_gpu --num_processes 2` (accelerate starts torchrun;
+    gloo where there is no GPU): a world of 2, as torchrun's."""
+    run = tmp_path / "run"
+    args = _sft(byte_llama, run, 2, "--profile", EXACT, "--max-steps", "2")
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lowmem_rlhf",
+                        *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4
