@@ -60,7 +60,7 @@ def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig
 def loss_denominator(exp: Experience, chunk: list[int], cfg) -> torch.Tensor:
     """What each micro-batch's loss sum is divided by: the chunk's response tokens (a token mean),
     or its rows where the loss is a per-response mean (GRPO's --loss-agg sequence). In a
-    data-parallel run the count is the global minibatch's over the world size (`World.share`):
+    data-parallel run the count is the global minibatch's over the world size:
     DDP's average of the ranks' gradients is then the global minibatch's mean."""
     if getattr(cfg, "loss_agg", "token") == "sequence":
         count = torch.tensor(float(len(chunk)), device=exp.response_mask.device)

@@ -18,7 +18,7 @@ in docs/pitfalls.md), so each backward reaches its own adapter's parameters only
 reducer that armed its hooks in the forward completes. Gradient accumulation arms the hooks on the
 last micro-batch only: the earlier ones accumulate locally, and one all-reduce per step averages
 the sum. DDP divides by the world size, so a loss that should be a mean over the *global* batch is
-divided by the global count over the world size (`World.share`).
+divided by the global count over the world size (`World.mean` of the ranks' counts).
 
 The launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; gloo on CPUs, nccl on
 CUDA (each rank on cuda:LOCAL_RANK).
@@ -68,14 +68,9 @@ class World:
         """A Python number averaged over the ranks (each rank's share is the same size)."""
         return self.total(x) / self.size
 
-    def share(self, count: float) -> float:
-        """What a rank divides its loss sum by so that DDP's average of the ranks' gradients is the
-        gradient of the global mean: the global count over the world size. (One process: count.)"""
-        return count if self.size == 1 else self.total(count) / self.size
-
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (a stop request seen by one process)."""
-        return self.total(1.0 if flag else 0.0) > 0 if self.size > 1 else bool(flag)
+        return self.total(float(flag)) > 0
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (pickled: small objects only)."""
@@ -93,10 +88,10 @@ class World:
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def slice(self, n: int) -> slice:
-        """This rank's rows of a global batch of `n` rows: contiguous, n / size of them."""
-        per = n // self.size
-        return slice(self.rank * per, (self.rank + 1) * per)
+    def mine(self, rows: list) -> list:
+        """This rank's share of a global batch's `rows`: contiguous, len / size of them."""
+        per = len(rows) // self.size
+        return rows[self.rank * per: (self.rank + 1) * per]
 
 
 _WORLD: World | None = None

@@ -97,8 +97,8 @@ def rollout_sampler(roles: Roles, prompt_ids: list[list[int]], prompt_texts: lis
     process would give it: N ranks sample the rollout one process with N x the batch samples."""
     torch.manual_seed(cfg.seed * 100_003 + iteration)
     seeds = row_seeds(len(pick))
-    share = world().slice(len(pick))  # a data-parallel rank samples its rows of the global rollout, with their seeds
-    pick, seeds = pick[share], seeds[share]
+    w = world()  # a data-parallel rank samples its rows of the global rollout, with their seeds
+    pick, seeds = w.mine(pick), w.mine(seeds)
     record = cfg.sampler_logprobs and logprobs_at_sampling(roles.engines["actor"])  # fp32: old log-probs kept
 
     def sample(size: int) -> Rollout:

@@ -55,7 +55,7 @@ def run_rm(cfg: RMConfig, console=None) -> dict:
         # ---- loop -----------------------------------------------------------------------------
         losses, accs, W = state["losses"], state["accs"], st.world
         for step in st.steps(cfg.max_steps):
-            rows = [train[i] for i in sampler.draw(cfg.batch * W.size)[W.slice(cfg.batch * W.size)]]  # this rank's
+            rows = [train[i] for i in W.mine(sampler.draw(cfg.batch * W.size))]  # this rank's
 
             def accumulate(size: int) -> tuple[float, int]:
                 total, correct = 0.0, 0

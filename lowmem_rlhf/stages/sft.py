@@ -51,9 +51,10 @@ def run_sft(cfg: SFTConfig, console=None) -> dict:
         # ---- loop -----------------------------------------------------------------------------
         losses, W = state["losses"], st.world
         for step in st.steps(cfg.max_steps):
-            rows = [train[i] for i in sampler.draw(cfg.batch * W.size)[W.slice(cfg.batch * W.size)]]  # this rank's
-            # the loss is a token mean over the global batch: each rank divides by its share of the count
-            n_tokens = W.share(sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows))
+            rows = [train[i] for i in W.mine(sampler.draw(cfg.batch * W.size))]  # this rank's
+            # the loss is a token mean over the global batch: each rank divides by the ranks' mean count
+            # (DDP averages the ranks' gradients)
+            n_tokens = W.mean(sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows))
 
             def accumulate(size: int) -> float:
                 total = 0.0
