@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lowmem_rlhf.config import Shape, load_all_profiles
 from lowmem_rlhf.plan.estimator import GIB, ddp_bucket_bytes
 from lowmem_rlhf.plan.hardware import resolve_hardware
@@ -129,7 +131,23 @@ def test_data_parallel_plans_per_gpu_with_the_node_ram_shared():
     assert two.hardware.cpu_ram_free_bytes == one.hardware.cpu_ram_free_bytes // 2
     d = two.to_dict()
     assert d["processes"] == 2 and d["global_batch"] == 2 * Shape().batch
-    cpu = [plan(load_spec("llama-2-7b"), resolve_hardware(ram_gib=24), Shape(), load_all_profiles(), ("sft",),
+    node = replace(resolve_hardware(ram_gib=24), cpu_bf16=True)  # a CPU with bf16 (an fp32 7B base needs 25 GiB)
+    cpu = [plan(load_spec("llama-2-7b"), node, Shape(), load_all_profiles(), ("sft",),
                 processes=n).chosen for n in (1, 2)]
     assert cpu[0].estimates["sft"].cpu_ram > 12 * GIB
     assert cpu[1].profile.name != cpu[0].profile.name and cpu[1].estimates["sft"].cpu_ram <= 12 * GIB
+
+
+def test_a_cpu_without_fast_bf16_computes_in_fp32_counted_at_4_bytes():
+    """Without oneDNN's bf16 path torch emulates bf16 on a CPU about 25x slower than fp32 (measured:
+    SmolLM2 SFT at 84 s/step in bf16, 5.3 s/step in fp32; docs/speed.md): a CPU plan computes in
+    fp32 there, and counts its 16-bit base's weights at 4 bytes each."""
+    spec, hw = load_spec("smollm2-135m"), resolve_hardware(ram_gib=16)
+    fast = plan(spec, replace(hw, cpu_bf16=True), Shape(), load_all_profiles(), ("sft",)).chosen
+    slow = plan(spec, replace(hw, cpu_bf16=False), Shape(), load_all_profiles(), ("sft",)).chosen
+    assert fast.profile.name == slow.profile.name and fast.profile.quant == "none"
+    assert fast.profile.dtype == "bf16" and "bf16" not in fast.reason
+    assert slow.profile.dtype == "fp32" and "no fast bf16" in slow.reason
+    assert slow.estimates["sft"].components["weights"] == 2 * fast.estimates["sft"].components["weights"]
+    assert "fp32: no fast bf16" in replace(hw, cpu_bf16=False).describe()
+    assert resolve_hardware(gpu="3090").cpu_bf16  # a GPU plan never asks the CPU

@@ -115,6 +115,8 @@ def adapt_to_hardware(profile: Profile, hw: Hardware) -> tuple[Profile | None, s
         if profile.lora_r == 0:
             return None, f"{hw.gpu.name} has no bf16 and pure fp16 full fine-tuning diverges"
         return replace(profile, dtype="fp16"), "fp16 compute (no bf16 on this GPU)"
+    if hw.gpu is None and profile.dtype != "fp32" and not hw.cpu_bf16:
+        return replace(profile, dtype="fp32"), "fp32 compute (this CPU has no fast bf16: it would run ~25x slower)"
     return profile, ""
 
 

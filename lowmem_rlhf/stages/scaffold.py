@@ -22,6 +22,7 @@ stop signal seen by any rank stops all of them at the same step boundary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -38,6 +39,7 @@ from lowmem_rlhf.measure.report import memory_report
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import LoadedModel, load_model
 from lowmem_rlhf.plan.estimator import Estimate, estimate
+from lowmem_rlhf.plan.hardware import cpu_native_bf16
 from lowmem_rlhf.runtime import checkpoint
 from lowmem_rlhf.runtime.distributed import world
 from lowmem_rlhf.runtime.oom import MicroBatch, cap_vram, free_memory, learned_cap
@@ -54,6 +56,17 @@ from lowmem_rlhf.runtime.runs import (
 from lowmem_rlhf.runtime.stopping import StopOnSignal
 from lowmem_rlhf.runtime.threads import ThreadGovernor
 from lowmem_rlhf.runtime.trainer import make_trainer
+
+
+def on_this_machine(cfg):
+    """`cfg` with its profile as this machine runs it: a bf16 profile computes in fp32 on a CPU
+    without fast bf16, where torch emulates bf16 about 25x slower (docs/speed.md, "bf16 on a CPU").
+    The planner makes the same change to the profiles it picks (`planner.adapt_to_hardware`); this
+    covers a profile named with --profile or built in code. config.json records the dtype run."""
+    p = cfg.profile
+    if p.dtype != "bf16" or torch.cuda.is_available() or cpu_native_bf16():
+        return cfg
+    return dataclasses.replace(cfg, profile=dataclasses.replace(p, dtype="fp32"))
 
 
 class Stage:
