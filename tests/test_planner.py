@@ -151,3 +151,17 @@ def test_a_cpu_without_fast_bf16_computes_in_fp32_counted_at_4_bytes():
     assert slow.estimates["sft"].components["weights"] == 2 * fast.estimates["sft"].components["weights"]
     assert "fp32: no fast bf16" in replace(hw, cpu_bf16=False).describe()
     assert resolve_hardware(gpu="3090").cpu_bf16  # a GPU plan never asks the CPU
+
+
+def test_a_named_bf16_profile_runs_in_fp32_on_a_cpu_without_fast_bf16(capsys):
+    """`--profile lora-bf16-shared` on a CPU without fast bf16: the stage computes in fp32 and the
+    CLI says so; on a CPU with it (or a GPU), the profile is kept as named."""
+    import torch
+
+    from lowmem_rlhf.cli import _stage_profile
+    from lowmem_rlhf.plan.hardware import cpu_native_bf16
+
+    prof = _stage_profile("lora-bf16-shared", None, "sft", Shape(), None)
+    emulated = not torch.cuda.is_available() and not cpu_native_bf16()
+    assert prof.name == "lora-bf16-shared" and prof.dtype == ("fp32" if emulated else "bf16")
+    assert ("the stage computes in fp32" in capsys.readouterr().out) == emulated

@@ -51,6 +51,8 @@ from lowmem_rlhf.files import fsync
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import load_model, read_adapter_meta
 from lowmem_rlhf.runtime.runs import ensure_writable, partial_dir, progress_bar
+from lowmem_rlhf.runtime.threads import ThreadGovernor
+from lowmem_rlhf.stages.scaffold import machine_profile
 
 SUMMARY = "summary.json"
 STAGES = {"sft": ("adapter", "SFT"), "ppo": ("actor", "PPO"), "grpo": ("actor", "GRPO"),
@@ -280,10 +282,10 @@ def policy_profile(pol: Policy, override: str | None, shape: Shape, trust_remote
     """(profile, where it came from): --profile; else the policy's stage's saved profile (same
     quantization as training); else, or for ZeRO-3 offload (a training layout), the planner's pick."""
     if override:
-        return load_profile(override), "--profile"
+        return machine_profile(load_profile(override)), "--profile"
     prof = saved_profile(pol.stage_dir)
     if prof is not None and prof.offload != "zero3":
-        return prof, str(pol.stage_dir / "config.json")
+        return machine_profile(prof), str(pol.stage_dir / "config.json")
     from lowmem_rlhf.model.loading import resolve_source
     from lowmem_rlhf.plan.hardware import resolve_hardware
     from lowmem_rlhf.plan.model_spec import load_spec
@@ -353,7 +355,9 @@ def answer(engine: SharedBase, pol: Policy, ids: list[list[int]], texts: list[st
     responses: list[list[str]] = [[] for _ in ids]
     scores: list[list[float]] = [[] for _ in ids]
     torch.manual_seed(cfg.seed)  # every policy draws from the same stream
+    threads = ThreadGovernor()  # torch threads = the free cores: generation collapses on a shared CPU otherwise
     for s in range(0, len(flat), batch):
+        threads.update()
         idx = flat[s: s + batch]
         ptexts = [texts[i] for i in idx]
         try:

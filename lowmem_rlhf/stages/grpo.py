@@ -42,7 +42,7 @@ from lowmem_rlhf.stages.rl import (
     sync_adapters,
     timed,
 )
-from lowmem_rlhf.stages.scaffold import Stage, on_this_machine
+from lowmem_rlhf.stages.scaffold import Stage
 
 PHASES = ("generation", "scoring", "actor_update")
 
@@ -67,7 +67,6 @@ def check_grpo(cfg: GRPOConfig, group_flag: str = "--group-size") -> None:
 def run_grpo(cfg: GRPOConfig, console=None) -> dict:
     check_grpo(cfg)
     cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
-    cfg = on_this_machine(cfg)  # fp32 compute on a CPU without fast bf16
     prof = cfg.profile
     title = cfg.algo.upper()
     rewards = make_rewards(cfg, title)

@@ -48,7 +48,7 @@ from lowmem_rlhf.stages.rl import (
     sync_adapters,
     timed,
 )
-from lowmem_rlhf.stages.scaffold import Stage, on_this_machine
+from lowmem_rlhf.stages.scaffold import Stage
 
 PHASES = ("generation", "scoring", "actor_update", "critic_update")
 
@@ -121,7 +121,6 @@ def metrics_row(it: int, exp: Experience, stats: dict, times: dict, kl_coef: flo
 def run_ppo(cfg: PPOConfig, console=None) -> dict:
     check_rollout(cfg.rollout_batch, cfg.samples_per_prompt)
     cfg = dataclasses.replace(cfg, profile=cfg.profile.for_rl())  # no dropout in RL: saved as run
-    cfg = on_this_machine(cfg)  # fp32 compute on a CPU without fast bf16
     prof = cfg.profile
     rewards = make_rewards(cfg)
     merged = [finished_adapter(cfg.sft, "--sft", "SFT", "RUN/sft")] if cfg.sft is not None else []

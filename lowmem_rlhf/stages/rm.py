@@ -20,7 +20,7 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
 from lowmem_rlhf.runtime.oom import maybe_inject
 from lowmem_rlhf.runtime.runs import finished_adapter
-from lowmem_rlhf.stages.scaffold import Stage, on_this_machine
+from lowmem_rlhf.stages.scaffold import Stage
 
 
 def sft_adapter_of(init_from) -> list:
@@ -40,7 +40,6 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[dict], list[dict]]:
 
 def run_rm(cfg: RMConfig, console=None) -> dict:
     cfg = with_shape_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu")  # --max-len, --batch
-    cfg = on_this_machine(cfg)  # fp32 compute on a CPU without fast bf16
     merged = sft_adapter_of(cfg.init_from)
     with Stage(cfg, "rm", "RM", console) as st:
         # ---- setup ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from lowmem_rlhf.config import SFTConfig, with_shape_defaults
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.report import trainer_counts
 from lowmem_rlhf.runtime.oom import maybe_inject
-from lowmem_rlhf.stages.scaffold import Stage, on_this_machine
+from lowmem_rlhf.stages.scaffold import Stage
 
 
 def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -37,7 +37,6 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict]]
 
 def run_sft(cfg: SFTConfig, console=None) -> dict:
     cfg = with_shape_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu")  # --max-len, --batch
-    cfg = on_this_machine(cfg)  # fp32 compute on a CPU without fast bf16
     with Stage(cfg, "sft", "SFT", console) as st:
         # ---- setup ----------------------------------------------------------------------------
         loaded = st.load(context=(cfg.max_len, "--max-len"))
