@@ -779,17 +779,12 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
             raise UserError(f"profile {prof.name}: {ZERO3_PPO_REASON}; use qlora-shared for {stage.upper()}")
         if prof.offload == "zero3" and (missing := deepspeed_missing()):
             raise UserError(f"profile {prof.name}: {missing}")
-        if prof.dtype != "fp32" and _hardware(gpu, None, None, max_vram).device == "cpu":
-            from lowmem_rlhf.plan.hardware import cpu_native_bf16
-            from lowmem_rlhf.stages.scaffold import machine_profile
+        from lowmem_rlhf.plan.planner import machine_profile
 
-            if not cpu_native_bf16() and prof.dtype == "bf16":
-                console.print(f"note: profile {prof.name} computes in bf16, which this CPU emulates (~25x slower); "
-                              "the stage computes in fp32")
-                prof = machine_profile(prof)
-            elif not cpu_native_bf16():
-                console.print(f"[yellow]warning:[/yellow] profile {prof.name} computes in {prof.dtype}, which this CPU "
-                              "emulates (~25x slower than fp32)")
+        if (ran := machine_profile(prof)) != prof:
+            console.print(f"note: profile {prof.name} computes in {prof.dtype}, which this CPU emulates (~25x slower); "
+                          "the stage computes in fp32")
+        prof = ran
         return prof
     source = resolve_source(resolve_model_path(model))
     spec = load_spec(source, trust_remote_code)

@@ -25,7 +25,7 @@ from lowmem_rlhf.plan.estimator import (
     generation_rows,
     parks_idle_state,
 )
-from lowmem_rlhf.plan.hardware import Hardware
+from lowmem_rlhf.plan.hardware import Hardware, cpu_native_bf16
 from lowmem_rlhf.plan.model_spec import ModelSpec
 
 SAFETY_MARGIN = 0.05  # keep 5% of the budget free: fragmentation spikes, other processes
@@ -115,9 +115,28 @@ def adapt_to_hardware(profile: Profile, hw: Hardware) -> tuple[Profile | None, s
         if profile.lora_r == 0:
             return None, f"{hw.gpu.name} has no bf16 and pure fp16 full fine-tuning diverges"
         return replace(profile, dtype="fp16"), "fp16 compute (no bf16 on this GPU)"
-    if hw.gpu is None and profile.dtype != "fp32" and not hw.cpu_bf16:
-        return replace(profile, dtype="fp32"), "fp32 compute (this CPU has no fast bf16: it would run ~25x slower)"
+    if hw.gpu is None:
+        return cpu_compute(profile, hw.cpu_bf16)
     return profile, ""
+
+
+def cpu_compute(profile: Profile, cpu_bf16: bool) -> tuple[Profile, str]:
+    """(the profile as a CPU runs it, the note when it changed): a 16-bit profile computes in fp32
+    on a CPU without fast bf16, where torch emulates 16-bit matmuls about 25x slower (docs/speed.md)."""
+    if profile.dtype == "fp32" or cpu_bf16:
+        return profile, ""
+    return replace(profile, dtype="fp32"), "fp32 compute (this CPU has no fast bf16: it would run ~25x slower)"
+
+
+def machine_profile(profile: Profile) -> Profile:
+    """`profile` as this machine runs it (`cpu_compute` when there is no GPU), for a profile the
+    planner did not pick: one named with --profile (CLI) or saved by a run on another machine
+    (`eval`). A profile built in code runs as built (the tests pin their dtypes: on such a CPU the
+    RM lamp test learns in bf16 and not in fp32 at its learning rate, an open finding in
+    docs/speed.md)."""
+    import torch  # deferred, as in plan.hardware
+
+    return profile if torch.cuda.is_available() else cpu_compute(profile, cpu_native_bf16())[0]
 
 
 def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages,

@@ -50,9 +50,9 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.files import fsync
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import load_model, read_adapter_meta
+from lowmem_rlhf.plan.planner import machine_profile
 from lowmem_rlhf.runtime.runs import ensure_writable, partial_dir, progress_bar
 from lowmem_rlhf.runtime.threads import ThreadGovernor
-from lowmem_rlhf.stages.scaffold import machine_profile
 
 SUMMARY = "summary.json"
 STAGES = {"sft": ("adapter", "SFT"), "ppo": ("actor", "PPO"), "grpo": ("actor", "GRPO"),

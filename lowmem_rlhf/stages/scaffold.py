@@ -22,7 +22,6 @@ stop signal seen by any rank stops all of them at the same step boundary.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import time
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from lowmem_rlhf.config import Profile, Shape, StageConfig
+from lowmem_rlhf.config import Shape, StageConfig
 from lowmem_rlhf.data import EpochSampler
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.measure.memory import MemoryMeter
@@ -39,7 +38,6 @@ from lowmem_rlhf.measure.report import memory_report
 from lowmem_rlhf.model.adapters import SharedBase
 from lowmem_rlhf.model.loading import LoadedModel, load_model
 from lowmem_rlhf.plan.estimator import Estimate, estimate
-from lowmem_rlhf.plan.hardware import cpu_native_bf16
 from lowmem_rlhf.runtime import checkpoint
 from lowmem_rlhf.runtime.distributed import world
 from lowmem_rlhf.runtime.oom import MicroBatch, cap_vram, free_memory, learned_cap
@@ -56,18 +54,6 @@ from lowmem_rlhf.runtime.runs import (
 from lowmem_rlhf.runtime.stopping import StopOnSignal
 from lowmem_rlhf.runtime.threads import ThreadGovernor
 from lowmem_rlhf.runtime.trainer import make_trainer
-
-
-def machine_profile(p: Profile) -> Profile:
-    """`p` as this machine runs it: a bf16 profile computes in fp32 on a CPU without fast bf16,
-    where torch emulates bf16 about 25x slower (docs/speed.md, "bf16 on a CPU"). The planner makes
-    the same change to the profiles it picks (`planner.adapt_to_hardware`); the CLI applies this
-    to a profile named with --profile, and `eval` to a profile saved by a run on another machine.
-    A profile built in code runs as built (the tests pin their dtypes: on such a CPU the RM lamp
-    test learns in bf16 and not in fp32 at its learning rate, an open finding in docs/speed.md)."""
-    if p.dtype != "bf16" or torch.cuda.is_available() or cpu_native_bf16():
-        return p
-    return dataclasses.replace(p, dtype="fp32")
 
 
 class Stage:
