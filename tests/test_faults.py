@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.plan.planner import machine_profile
 from lowmem_rlhf.runtime import checkpoint
 from lowmem_rlhf.runtime.oom import FAULT_ENV, NAN_ENV, MicroBatch, is_oom
 from lowmem_rlhf.runtime.runs import partial_dir
@@ -29,7 +30,7 @@ PROMPTS = str(bundled_path("demo-prompts.jsonl"))
 
 def _sft(model, out, **kw):
     """qlora-shared without dropout: a retried micro-batch must see the same forward."""
-    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, lora_dropout=0.0)
+    prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, lora_dropout=0.0))
     base = dict(model=str(model), data=SEED_TASKS, out=out, profile=prof, max_len=64, batch=8, max_steps=4,
                 seed=1, progress=False)
     return SFTConfig(**{**base, **kw})
@@ -153,7 +154,7 @@ def test_ppo_oom_inside_the_optimizer_step_is_undone(byte_llama, tmp_path, monke
 
     def ppo(name, spec):
         monkeypatch.setenv(FAULT_ENV, spec)
-        prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4)
+        prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4))
         s = run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path / name, profile=prof,
                               reward=f"{ASSETS / 'rewards.py'}:ascii_share", iterations=3, rollout_batch=4,
                               prompt_len=32, response_len=4, ppo_epochs=2, progress=False))
@@ -204,7 +205,7 @@ def test_ppo_counts_nan_steps_per_adapter(byte_llama, tmp_path, monkeypatch):
     from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
 
     monkeypatch.setenv(NAN_ENV, ",".join(f"ppo:{i}:actor" for i in range(1, 5)))
-    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4)
+    prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4))
     with pytest.raises(UserError, match=r"^PPO actor: 3 optimizer steps in a row skipped .*\(last at step 3\)"):
         run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=prof,
                           reward=f"{ASSETS / 'rewards.py'}:ascii_share", iterations=4, rollout_batch=4,
@@ -271,7 +272,7 @@ def test_the_next_stage_loads_with_no_4bit_layer_of_the_previous_one_alive(byte_
     try:
         run_sft(_sft(byte_llama, tmp_path, max_steps=1))
         left = live()
-        prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4)
+        prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4))
         run_rm(RMConfig(model=str(byte_llama), data=str(bundled_path("demo-pairs.jsonl.gz")), out=tmp_path,
                         profile=prof, max_len=64, batch=4, max_steps=1, max_pairs=40, progress=False))
     finally:

@@ -20,7 +20,7 @@ from lowmem_rlhf.model.loading import load_model
 from lowmem_rlhf.plan.estimator import estimate, generation_rows
 from lowmem_rlhf.plan.hardware import resolve_hardware
 from lowmem_rlhf.plan.model_spec import load_spec
-from lowmem_rlhf.plan.planner import choose_profile, runnable_profiles
+from lowmem_rlhf.plan.planner import choose_profile, machine_profile, runnable_profiles
 
 ASSETS = Path(__file__).parent / "assets"
 PROMPTS = str(bundled_path("demo-prompts.jsonl"))
@@ -77,7 +77,7 @@ def test_ppo_with_a_generation_batch_samples_the_same_rollouts(byte_llama, tmp_p
     from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
 
     def ppo(name, g):
-        prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, generation_batch=g)
+        prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, generation_batch=g))
         s = run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path / name, profile=prof,
                               reward=f"{ASSETS / 'rewards.py'}:ascii_share", iterations=2, rollout_batch=8,
                               prompt_len=32, response_len=6, ppo_epochs=1, progress=False))

@@ -17,6 +17,7 @@ from lowmem_rlhf.config import GIB, GRPOConfig, Shape, load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.plan.estimator import estimate
 from lowmem_rlhf.plan.model_spec import load_spec
+from lowmem_rlhf.plan.planner import machine_profile
 
 ASSETS = Path(__file__).parent / "assets"
 REWARDS = ASSETS / "rewards.py"
@@ -113,7 +114,7 @@ def _cfg(model, out, **kw) -> GRPOConfig:
     """The shipped qlora-shared profile (checkpointing, paged 8-bit AdamW, NF4) and GRPOConfig's
     defaults (beta 0.04, token average, one epoch, std-normalised advantages); the LoRA rank, the
     micro-batch and the learning rate are the test's."""
-    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=16, learning_rate=kw.pop("lr", 1e-2))
+    prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=16, learning_rate=kw.pop("lr", 1e-2)))
     base = dict(model=str(model), prompts=PROMPTS, out=out, profile=prof, iterations=8, rollout_batch=16,
                 group_size=4, prompt_len=48, response_len=2, progress=False, reward=f"{REWARDS}:ascii_share")
     base.update(kw)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.plan.planner import machine_profile
 from lowmem_rlhf.runtime import checkpoint
 from lowmem_rlhf.runtime.oom import FAULT_ENV
 from lowmem_rlhf.runtime.runs import partial_dir
@@ -168,7 +169,8 @@ def test_resume_refuses_other_settings_and_a_fresh_start_refuses_to_clobber(byte
 
 
 def _sft(model, out, micro_batch=4, **kw):
-    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=micro_batch, grad_ckpt=False, lora_dropout=0.0)
+    prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=micro_batch, grad_ckpt=False,
+                                   lora_dropout=0.0))
     return SFTConfig(model=str(model), data=SEED_TASKS, out=out, profile=prof, max_len=64, batch=8, max_steps=5,
                      seed=1, progress=False, **kw)
 
@@ -206,7 +208,7 @@ def test_ppo_oom_in_an_update_is_retried_at_half_the_micro_batch(byte_llama, tmp
     from lowmem_rlhf.stages.ppo import PPOConfig, run_ppo
 
     monkeypatch.setenv(FAULT_ENV, "ppo:2:2,ppo-generation:3:1")  # an update, then a long-response rollout
-    prof = replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, grad_ckpt=False)
+    prof = machine_profile(replace(load_profile("qlora-shared"), lora_r=8, micro_batch=4, grad_ckpt=False))
     s = run_ppo(PPOConfig(model=str(byte_llama), prompts=PROMPTS, out=tmp_path, profile=prof,
                           reward=f"{REWARDS}:ascii_share", iterations=3, rollout_batch=4, prompt_len=32,
                           response_len=4, ppo_epochs=1, progress=False))

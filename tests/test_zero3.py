@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from lowmem_rlhf.config import load_profile
 from lowmem_rlhf.data import bundled_path
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.plan.planner import machine_profile
 from lowmem_rlhf.stages.rm import RMConfig, run_rm
 from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
@@ -37,7 +38,9 @@ LR = 1e-3
 
 
 def _profiles():
-    z3 = replace(load_profile("zero3-offload"), lora_r=8, micro_batch=2, lora_dropout=0.0, learning_rate=LR)
+    """zero3-offload as this machine runs it (fp32 on a CPU without fast bf16), and its plain twin."""
+    z3 = machine_profile(replace(load_profile("zero3-offload"), lora_r=8, micro_batch=2, lora_dropout=0.0,
+                                 learning_rate=LR))
     plain = replace(z3, name="plain-torch", offload="none")
     return plain, z3
 

@@ -131,9 +131,8 @@ def cpu_compute(profile: Profile, cpu_bf16: bool) -> tuple[Profile, str]:
 def machine_profile(profile: Profile) -> Profile:
     """`profile` as this machine runs it (`cpu_compute` when there is no GPU), for a profile the
     planner did not pick: one named with --profile (CLI) or saved by a run on another machine
-    (`eval`). A profile built in code runs as built (the tests pin their dtypes: on such a CPU the
-    RM lamp test learns in bf16 and not in fp32 at its learning rate, an open finding in
-    docs/speed.md)."""
+    (`eval`). A profile built in code runs as built unless its caller asks for this: the tests
+    whose subject is not the dtype do; those about 16-bit behaviour pin theirs (docs/speed.md)."""
     import torch  # deferred, as in plan.hardware
 
     return profile if torch.cuda.is_available() else cpu_compute(profile, cpu_native_bf16())[0]
