@@ -652,7 +652,7 @@ def grpo(
     cfg = _config(GRPOConfig, {**locals(), "reward_weights": weights}, None)
     check_grpo(cfg)  # group size, beta: before the planner or a model is read
     prof = _stage_profile(profile, model, algo, _shape(512, 16, prompt_len, response_len, rollout_batch), gpu,
-                          trust_remote_code, max_vram)
+                          trust_remote_code, max_vram, reward_model=reward_model is not None)
     if generation_batch is not None:
         _not_negative(generation_batch=generation_batch)
         prof = dataclasses.replace(prof, generation_batch=generation_batch)
@@ -756,9 +756,10 @@ def _shape_defaults(max_len: Optional[int], batch: Optional[int], gpu: Optional[
 
 
 def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, shape, gpu: Optional[str],
-                   trust_remote_code: bool = False, max_vram: Optional[float] = None):
+                   trust_remote_code: bool = False, max_vram: Optional[float] = None,
+                   reward_model: Optional[bool] = None):
     """The profile a training stage runs with: the named one, or the planner's pick for `shape` on
-    this machine (or on --gpu)."""
+    this machine (or on --gpu); reward_model: GRPO/RLOO with --reward-model (its adapter + head)."""
     from lowmem_rlhf.config import deepspeed_missing, load_all_profiles, load_profile
     from lowmem_rlhf.model.embedded import resolve_model_path
     from lowmem_rlhf.model.loading import resolve_source
@@ -791,7 +792,7 @@ def _stage_profile(profile: Optional[str], model: Optional[str], stage: str, sha
     from lowmem_rlhf.runtime.distributed import launched, local_processes, world
 
     prof = choose_profile(spec, _hardware(gpu, None, None, max_vram), shape, load_all_profiles(), (stage,),
-                          processes=local_processes(), data_parallel=launched() > 1).profile
+                          processes=local_processes(), data_parallel=launched() > 1, reward_model=reward_model).profile
     # each rank reads its own card's free memory: rank 0's pick is every rank's (DDP needs one model)
     return world().gather(prof)[0] if launched() > 1 else prof
 

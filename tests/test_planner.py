@@ -165,3 +165,39 @@ def test_a_named_bf16_profile_runs_in_fp32_on_a_cpu_without_fast_bf16(capsys):
     emulated = not torch.cuda.is_available() and not cpu_native_bf16()
     assert prof.name == "lora-bf16-shared" and prof.dtype == ("fp32" if emulated else "bf16")
     assert ("the stage computes in fp32" in capsys.readouterr().out) == emulated
+
+
+def test_grpo_with_a_reward_model_is_planned_with_its_adapter_and_head():
+    """`grpo --reward-model` plans the stage alone: the RM's adapter and head are in its estimate
+    (exactly the stage's own `estimate(..., reward_model=True)`), and a plan without one has the
+    actor's adapter only, as GRPO on a program reward runs."""
+    from lowmem_rlhf.plan.estimator import estimate
+
+    spec, hw = load_spec("llama-2-7b"), resolve_hardware(gpu="3090")
+    shape = Shape(prompt_len=256, response_len=256, rollout_batch=8)
+    alone = choose_profile(spec, hw, shape, load_all_profiles(), ("grpo",))
+    scored = choose_profile(spec, hw, shape, load_all_profiles(), ("grpo",), reward_model=True)
+    a, s = alone.estimates["grpo"], scored.estimates["grpo"]
+    assert s.components["adapters"] == 2 * a.components["adapters"] > 0
+    assert s.components["heads"] > a.components["heads"] == 0
+    assert s.device > a.device
+    same = estimate(spec, scored.profile, "grpo", shape, target="cuda", reward_model=True)
+    assert same.device == s.device and same.components == s.components
+
+
+def test_the_grpo_cli_plans_with_its_reward_model(smollm2):
+    """Through the CLI's own path (`_stage_profile`, as `lowmem-rlhf grpo --reward-model` calls it):
+    on a card cap between the two plans' needs, the pick is the one that counts the RM."""
+    from lowmem_rlhf.cli import _stage_profile
+
+    spec, shape = load_spec(str(smollm2)), Shape(prompt_len=256, response_len=256, rollout_batch=8)
+
+    def pick(cap, rm):
+        chosen = plan(spec, resolve_hardware(gpu="3090", max_vram_gib=cap), shape, load_all_profiles(), ("grpo",),
+                      reward_model=rm).chosen
+        return chosen and chosen.profile
+
+    caps = [round(0.30 + 0.01 * i, 2) for i in range(300)]
+    cap = next(c for c in caps if None is not pick(c, True) != pick(c, False))  # the RM changes the pick here
+    got = _stage_profile(None, str(smollm2), "grpo", shape, "3090", max_vram=cap, reward_model=True)
+    assert got == pick(cap, True) != pick(cap, False)

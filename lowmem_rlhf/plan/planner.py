@@ -139,12 +139,13 @@ def machine_profile(profile: Profile) -> Profile:
 
 
 def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages,
-              data_parallel: bool = False) -> Candidate:
+              data_parallel: bool = False, reward_model: bool | None = None) -> Candidate:
     target = hw.device
     budget, what = budget_bytes(hw)
     usable = int(budget * (1 - SAFETY_MARGIN))
-    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model="rm" in stages,
-                        data_parallel=data_parallel) for s in stages}
+    rm = "rm" in stages if reward_model is None else reward_model
+    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model=rm, data_parallel=data_parallel)
+            for s in stages}
     worst_stage, worst_short = None, 0
     for s, e in ests.items():
         need = e.device if target == "cuda" else e.cpu_ram
@@ -189,12 +190,14 @@ def _halvings(mb: int) -> list[int]:
 
 
 def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-         stages: tuple[str, ...] = STAGES, processes: int = 1, data_parallel: bool | None = None) -> Plan:
+         stages: tuple[str, ...] = STAGES, processes: int = 1, data_parallel: bool | None = None,
+         reward_model: bool | None = None) -> Plan:
     """Try every profile (in rank order) at decreasing micro-batch; keep every verdict. processes:
     data-parallel processes on this node, each planned as one card with its own share of the
     node's CPU RAM (shape.batch and shape.rollout_batch are per process); data_parallel (default:
     processes > 1): one process of a launched world (DDP's buckets counted), also where it is the
-    node's only one."""
+    node's only one. reward_model: GRPO/RLOO scores with a reward adapter + head (default: when
+    "rm" is among the stages; `grpo --reward-model` plans it alone); PPO always has one."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; use any of {', '.join(STAGES)}")
@@ -226,7 +229,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
             for g in gens:
                 cand_prof = replace(prof, micro_batch=mb, grad_ckpt=ckpt, generation_batch=g)
                 cand = _evaluate(spec, cand_prof, shape, hw, stages,
-                                 processes > 1 if data_parallel is None else data_parallel)
+                                 processes > 1 if data_parallel is None else data_parallel, reward_model)
                 cand.grad_accum = math.ceil(shape.batch / mb)
                 best = cand
                 if cand.fits or not _generation_bound(cand, hw):
@@ -290,10 +293,11 @@ def runnable_profiles(profiles: list[Profile]) -> list[Profile]:
 
 
 def choose_profile(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
-                   stages: tuple[str, ...], processes: int = 1, data_parallel: bool | None = None) -> Candidate:
+                   stages: tuple[str, ...], processes: int = 1, data_parallel: bool | None = None,
+                   reward_model: bool | None = None) -> Candidate:
     """The planner's pick (`Plan.chosen`, as `lowmem-rlhf plan` shows it), or a one-line NoFit
     error with advice."""
-    p = plan(spec, hw, shape, runnable_profiles(profiles), stages, processes, data_parallel)
+    p = plan(spec, hw, shape, runnable_profiles(profiles), stages, processes, data_parallel, reward_model)
     if p.chosen is None:
         raise no_fit(p)
     return p.chosen
