@@ -427,7 +427,7 @@ def auto(
     out: Optional[Path] = option(AutoConfig, "out", "-o"),
     reward: Optional[str] = option(AutoConfig, "reward"),
     reward_cmd: Optional[str] = option(AutoConfig, "reward_cmd"),
-    sft_data: str = option(AutoConfig, "sft_data"),
+    sft_data: Optional[str] = option(AutoConfig, "sft_data"),
     pairs: str = option(AutoConfig, "pairs"),
     prompts: str = option(AutoConfig, "prompts"),
     seq_len: Optional[int] = option(AutoConfig, "seq_len"),

@@ -410,7 +410,8 @@ class AutoConfig:
                                    "on the bundled demo task)")
     out: Path | None = knob(None, "run folder (default: runs/auto-<time>)")
     profile: Profile | None = knob(None, "the planner's pick (set by `auto`, saved for --resume)")
-    sft_data: str = knob(str(bundled_path("self-instruct-seed-tasks.jsonl")), "SFT data", flag="--data")
+    sft_data: str | None = knob(None, "SFT data (default: for the demo, the self-instruct seed tasks and 40 "
+                                      "one-word answers to training questions; else the seed tasks)", flag="--data")
     pairs: str = knob(str(bundled_path("demo-pairs.jsonl.gz")), "preference pairs for the RM")
     prompts: str = knob(str(bundled_path("demo-prompts.jsonl")), "PPO prompts")
     heldout: str | None = knob(str(bundled_path("demo-heldout.jsonl")), "held-out prompts scored before and after PPO")
@@ -477,15 +478,18 @@ class AutoConfig:
 # word and the echoed word of one question side by side in the advantages (held-out exactly right
 # 2/96 -> 18/96 at seed 0 before the checker read quoted answers, 0/96 -> 7/96 after; the knowledge
 # is lost on the way: README, "The embedded demo").
-DEMO_SHAPE = {"seq_len": 128, "prompt_len": 64, "response_len": 16, "ppo_lr": 2e-4, "kl_target": 3.0,
-              "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
+DEMO_SHAPE = {"sft_data": str(bundled_path("demo-sft.jsonl")), "seq_len": 128, "prompt_len": 64, "response_len": 16,
+              "ppo_lr": 2e-4, "kl_target": 3.0, "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
               "missing_eos_penalty": 1.0, "samples_per_prompt": 4, "ppo_iterations": 20}
-NAMED_SHAPE = {"seq_len": 512, "prompt_len": 256, "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000,
-               "train_rm": False, "reward_weight": 1.0, "samples_per_prompt": 1, "ppo_iterations": 20}
+NAMED_SHAPE = {"sft_data": str(bundled_path("self-instruct-seed-tasks.jsonl")), "seq_len": 512, "prompt_len": 256,
+               "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000, "train_rm": False, "reward_weight": 1.0,
+               "samples_per_prompt": 1, "ppo_iterations": 20}
 # GRPO/RLOO in `auto`: the group baseline is the checker's own contrast between the answers to one
 # question, so the demo needs no reward model. Measured on the demo (seed 0, 40 iterations, held-out
-# strict / lenient from 0 / 40): 8 answers at lr 5e-4 -> 0 / 51; 4 answers at lr 1e-3 -> 0 / 35
-# (KL 12); 4 answers at lr 2e-4 and 20 iterations -> 0 / 48 (README, "GRPO and RLOO").
+# strict / lenient from 0 / 40), SFT on the seed tasks alone: 8 answers at lr 5e-4 -> 0 / 51; 4
+# answers at lr 1e-3 -> 0 / 35 (KL 12); 4 answers at lr 2e-4 and 20 iterations -> 0 / 48. With the
+# demo's SFT set (40 one-word answers among the seed tasks, `demo_task.sft_rows`), 8 answers at lr
+# 5e-4: seed 0 0 / 39 -> 20 / 37, seed 1 0 / 40 -> 29 / 45 (README, "GRPO and RLOO").
 DEMO_GROUP = {"train_rm": False, "samples_per_prompt": 8, "ppo_lr": 5e-4, "ppo_iterations": 40}
 NAMED_GROUP = {"samples_per_prompt": 4, "ppo_iterations": 40}
 

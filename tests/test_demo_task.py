@@ -36,8 +36,25 @@ def test_the_bundled_files_are_the_generated_split():
     held = {r["prompt"] for r in load_records(str(bundled_path("demo-heldout.jsonl")))}
     train = {r["prompt"] for r in load_records(str(bundled_path("demo-prompts.jsonl")))}
     pairs = load_records(str(bundled_path("demo-pairs.jsonl.gz")))
-    assert len(held) >= 64 and not held & train and not held & {p["prompt"] for p in pairs}
+    sft = {r["instruction"] for r in load_records(str(bundled_path("demo-sft.jsonl")))}
+    assert len(held) >= 64 and not held & train and not held & {p["prompt"] for p in pairs} and not held & sft
     assert len(held) + len(train) == len(T.questions())
+
+
+def test_the_demo_sft_set_is_the_seed_tasks_and_one_word_answers_to_training_questions():
+    """The same 175 examples as the self-instruct seed tasks, plus SFT_DEMOS training questions
+    answered with the word alone (nothing else in their reply)."""
+    from lowmem_rlhf.data import to_sft
+
+    seed = to_sft(load_records(str(bundled_path("self-instruct-seed-tasks.jsonl"))), "seed")
+    got = to_sft(load_records(str(bundled_path("demo-sft.jsonl"))), "demo-sft")
+    key = lambda e: (tuple((m["role"], m["content"]) for m in e.prompt), e.response)  # noqa: E731
+    demos = [e for e in got if key(e) not in {key(x) for x in seed}]
+    assert len(got) == len(seed) + T.SFT_DEMOS and len(demos) == T.SFT_DEMOS
+    answers = dict(T.split()[0])
+    for e in demos:
+        question = e.prompt[-1]["content"]
+        assert question in answers and e.response == answers[question]
 
 
 def test_pairs_teach_correctness_and_brevity():

@@ -22,8 +22,11 @@ from __future__ import annotations
 import random
 import re
 
+from lowmem_rlhf.data import bundled_path, load_records
+
 SUFFIX = " Answer with one word."
 HELDOUT = 96  # questions never used in training (the split is fixed: seed 0)
+SFT_DEMOS = 40  # training questions answered in one word in the demo's SFT data (`sft_rows`)
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
@@ -191,10 +194,27 @@ def preference_pairs(qa: list[tuple[str, str]], seed: int = 0) -> list[dict]:
     return pairs
 
 
+def sft_rows(seed: int = 0, demos: int = SFT_DEMOS) -> list[dict]:
+    """The demo's SFT data: the 175 self-instruct seed tasks (alpaca fields, the same examples) and
+    `demos` training questions answered with the word alone, shuffled. Without the demonstrations
+    the SFT policy never samples a right one-word answer (0 of 384 held-out samples at temperature
+    0.7), so RL has no such answer to reinforce; with 40 of them, 16 SFT steps leave its greedy
+    answers as they were (0/96 exactly right, 39/96 containing the answer) and 48 of 384 samples
+    are one word. The held-out questions are never among them."""
+    out = [{"instruction": r["instruction"], "input": i["input"], "output": i["output"]}
+           for r in load_records(str(bundled_path("self-instruct-seed-tasks.jsonl"))) for i in r["instances"]]
+    train, _ = split(seed)
+    rng = random.Random(seed)
+    out += [{"instruction": q, "input": "", "output": a} for q, a in rng.sample(train, demos)]
+    rng.shuffle(out)
+    return out
+
+
 def rows(seed: int = 0) -> dict[str, list[dict]]:
-    """The bundled files' rows: PPO prompts, held-out prompts (with answers), preference pairs."""
+    """The bundled files' rows: SFT data, PPO prompts, held-out prompts (with answers), preference pairs."""
     train, held = split(seed)
     return {
+        "demo-sft.jsonl": sft_rows(seed),
         "demo-prompts.jsonl": [{"prompt": q, "answer": a} for q, a in train],
         "demo-heldout.jsonl": [{"prompt": q, "answer": a} for q, a in held],
         "demo-pairs.jsonl.gz": preference_pairs(train, seed),
@@ -202,4 +222,4 @@ def rows(seed: int = 0) -> dict[str, list[dict]]:
 
 
 __all__ = ["checker", "score", "strict", "lenient", "words", "answer_of", "questions", "split",
-           "preference_pairs", "rows", "partial", "HELDOUT"]
+           "preference_pairs", "sft_rows", "rows", "partial", "HELDOUT", "SFT_DEMOS"]
