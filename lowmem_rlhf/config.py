@@ -478,7 +478,7 @@ class AutoConfig:
 # word and the echoed word of one question side by side in the advantages (held-out exactly right
 # 2/96 -> 18/96 at seed 0 before the checker read quoted answers, 0/96 -> 7/96 after; the knowledge
 # is lost on the way: README, "The embedded demo").
-DEMO_SHAPE = {"sft_data": str(bundled_path("demo-sft.jsonl")), "seq_len": 128, "prompt_len": 64, "response_len": 16,
+DEMO_SHAPE = {"sft_data": str(bundled_path("demo-sft.jsonl.gz")), "seq_len": 128, "prompt_len": 64, "response_len": 16,
               "ppo_lr": 2e-4, "kl_target": 3.0, "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
               "missing_eos_penalty": 1.0, "samples_per_prompt": 4, "ppo_iterations": 20}
 NAMED_SHAPE = {"sft_data": str(bundled_path("self-instruct-seed-tasks.jsonl")), "seq_len": 512, "prompt_len": 256,

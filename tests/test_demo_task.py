@@ -36,7 +36,7 @@ def test_the_bundled_files_are_the_generated_split():
     held = {r["prompt"] for r in load_records(str(bundled_path("demo-heldout.jsonl")))}
     train = {r["prompt"] for r in load_records(str(bundled_path("demo-prompts.jsonl")))}
     pairs = load_records(str(bundled_path("demo-pairs.jsonl.gz")))
-    sft = {r["instruction"] for r in load_records(str(bundled_path("demo-sft.jsonl")))}
+    sft = {r["instruction"] for r in load_records(str(bundled_path("demo-sft.jsonl.gz")))}
     assert len(held) >= 64 and not held & train and not held & {p["prompt"] for p in pairs} and not held & sft
     assert len(held) + len(train) == len(T.questions())
 
@@ -47,7 +47,7 @@ def test_the_demo_sft_set_is_the_seed_tasks_and_one_word_answers_to_training_que
     from lowmem_rlhf.data import to_sft
 
     seed = to_sft(load_records(str(bundled_path("self-instruct-seed-tasks.jsonl"))), "seed")
-    got = to_sft(load_records(str(bundled_path("demo-sft.jsonl"))), "demo-sft")
+    got = to_sft(load_records(str(bundled_path("demo-sft.jsonl.gz"))), "demo-sft")
     key = lambda e: (tuple((m["role"], m["content"]) for m in e.prompt), e.response)  # noqa: E731
     demos = [e for e in got if key(e) not in {key(x) for x in seed}]
     assert len(got) == len(seed) + T.SFT_DEMOS and len(demos) == T.SFT_DEMOS

@@ -214,7 +214,7 @@ def rows(seed: int = 0) -> dict[str, list[dict]]:
     """The bundled files' rows: SFT data, PPO prompts, held-out prompts (with answers), preference pairs."""
     train, held = split(seed)
     return {
-        "demo-sft.jsonl": sft_rows(seed),
+        "demo-sft.jsonl.gz": sft_rows(seed),
         "demo-prompts.jsonl": [{"prompt": q, "answer": a} for q, a in train],
         "demo-heldout.jsonl": [{"prompt": q, "answer": a} for q, a in held],
         "demo-pairs.jsonl.gz": preference_pairs(train, seed),
