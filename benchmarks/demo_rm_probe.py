@@ -40,9 +40,7 @@ def pairs_by_kind(qa: list[tuple[str, str]], seed: int = 1) -> dict[str, list[di
     rng, every = random.Random(seed), T.questions()
     out = {k: [] for k in KINDS}
     for q, a in qa:
-        wrong = T.wrong_answer(q, a, every, rng)
-        sentence = rng.choice(T.VERBOSE).format(a=a)
-        wrong_sentence = rng.choice(T.VERBOSE[:2]).format(a=wrong)  # as in T.preference_pairs
+        wrong, sentence, wrong_sentence = T.pair_replies(q, a, every, rng)  # as the RM's pairs are made
         for kind, (c, r) in zip(KINDS, ((a, wrong), (a, sentence), (sentence, wrong_sentence), (sentence, wrong))):
             out[kind].append({"prompt": q, "chosen": c, "rejected": r})
     return out

@@ -49,7 +49,8 @@ def test_the_demo_sft_set_is_the_seed_tasks_and_one_word_answers_to_training_que
     seed = to_sft(load_records(str(bundled_path("self-instruct-seed-tasks.jsonl"))), "seed")
     got = to_sft(load_records(str(bundled_path("demo-sft.jsonl.gz"))), "demo-sft")
     key = lambda e: (tuple((m["role"], m["content"]) for m in e.prompt), e.response)  # noqa: E731
-    demos = [e for e in got if key(e) not in {key(x) for x in seed}]
+    seed_keys = {key(x) for x in seed}
+    demos = [e for e in got if key(e) not in seed_keys]
     assert len(got) == len(seed) + T.SFT_DEMOS and len(demos) == T.SFT_DEMOS
     answers = dict(T.split()[0])
     for e in demos:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import random
 import re
 
-from lowmem_rlhf.data import bundled_path, load_records
-
 SUFFIX = " Answer with one word."
 HELDOUT = 96  # questions never used in training (the split is fixed: seed 0)
 SFT_DEMOS = 40  # training questions answered in one word in the demo's SFT data (`sft_rows`)
@@ -176,6 +174,13 @@ def wrong_answer(q: str, a: str, qa: list[tuple[str, str]], rng: random.Random) 
     return rng.choice(pool)
 
 
+def pair_replies(q: str, a: str, qa: list[tuple[str, str]], rng: random.Random) -> tuple[str, str, str]:
+    """The replies a question's pairs are made of: a wrong word of its family (`wrong_answer`), a
+    sentence carrying the right word, and a sentence carrying the wrong one (2 of the 6 templates)."""
+    wrong = wrong_answer(q, a, qa, rng)
+    return wrong, rng.choice(VERBOSE).format(a=a), rng.choice(VERBOSE[:2]).format(a=wrong)
+
+
 def preference_pairs(qa: list[tuple[str, str]], seed: int = 0) -> list[dict]:
     """Pairs that teach the checker's order, three per question: the right word beats a wrong
     word (correctness), beats a sentence carrying it (brevity), and that sentence beats the same
@@ -185,11 +190,10 @@ def preference_pairs(qa: list[tuple[str, str]], seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     pairs = []
     for q, a in qa:
-        wrong = wrong_answer(q, a, qa, rng)
-        sentence = rng.choice(VERBOSE).format(a=a)
+        wrong, sentence, wrong_sentence = pair_replies(q, a, qa, rng)
         pairs += [{"prompt": q, "chosen": a, "rejected": wrong},
                   {"prompt": q, "chosen": a, "rejected": sentence},
-                  {"prompt": q, "chosen": sentence, "rejected": rng.choice(VERBOSE[:2]).format(a=wrong)}]
+                  {"prompt": q, "chosen": sentence, "rejected": wrong_sentence}]
     rng.shuffle(pairs)
     return pairs
 
@@ -201,6 +205,9 @@ def sft_rows(seed: int = 0, demos: int = SFT_DEMOS) -> list[dict]:
     0.7), so RL has no such answer to reinforce; with 40 of them, 16 SFT steps leave its greedy
     answers as they were (0/96 exactly right, 39/96 containing the answer) and 48 of 384 samples
     are one word. The held-out questions are never among them."""
+    # deferred: the checker (a --reward) imports this module, and this alone reads files
+    from lowmem_rlhf.data import bundled_path, load_records
+
     out = [{"instruction": r["instruction"], "input": i["input"], "output": i["output"]}
            for r in load_records(str(bundled_path("self-instruct-seed-tasks.jsonl"))) for i in r["instances"]]
     train, _ = split(seed)
@@ -222,4 +229,4 @@ def rows(seed: int = 0) -> dict[str, list[dict]]:
 
 
 __all__ = ["checker", "score", "strict", "lenient", "words", "answer_of", "questions", "split",
-           "preference_pairs", "sft_rows", "rows", "partial", "HELDOUT", "SFT_DEMOS"]
+           "preference_pairs", "pair_replies", "sft_rows", "rows", "partial", "HELDOUT", "SFT_DEMOS"]

@@ -139,13 +139,12 @@ def machine_profile(profile: Profile) -> Profile:
 
 
 def _evaluate(spec: ModelSpec, profile: Profile, shape: Shape, hw: Hardware, stages,
-              data_parallel: bool = False, reward_model: bool | None = None) -> Candidate:
+              data_parallel: bool = False, reward_model: bool = False) -> Candidate:
     target = hw.device
     budget, what = budget_bytes(hw)
     usable = int(budget * (1 - SAFETY_MARGIN))
-    rm = "rm" in stages if reward_model is None else reward_model
-    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model=rm, data_parallel=data_parallel)
-            for s in stages}
+    ests = {s: estimate(spec, profile, s, shape, target=target, reward_model=reward_model,
+                        data_parallel=data_parallel) for s in stages}
     worst_stage, worst_short = None, 0
     for s, e in ests.items():
         need = e.device if target == "cuda" else e.cpu_ram
@@ -205,6 +204,7 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
         raise UserError(f"--stages: one RL stage at a time ({', '.join(s for s in stages if s in RL_STAGES)} given); "
                         "plan each with its own --algo")
     rl = rl_stage(stages)
+    reward_model = "rm" in stages if reward_model is None else reward_model
     if processes > 1:  # the node's RAM holds every process's host-side share
         hw = replace(hw, cpu_ram_free_bytes=hw.cpu_ram_free_bytes // processes)
     result = Plan(hw, spec, shape, tuple(stages), processes=processes)
