@@ -3,8 +3,10 @@ peak RSS and seconds per iteration (CPU, SmolLM2-135M-Instruct).
 
     python benchmarks/grpo_vs_ppo.py [--out runs/bench-grpo-vs-ppo] [--seed 0]
 
-1. PPO's path is `lowmem-rlhf auto` as shipped: SFT, the reward model (30 steps), then PPO
-   (20 iterations, reward = RM + 2 x checker, 2 questions x 4 answers per rollout).
+1. PPO's path is `lowmem-rlhf auto` as shipped: SFT, the reward model (30 steps), then PPO (since
+   2026-12-01: on the checker alone, 1 question x 8 answers, 40 iterations, the KL in the actor's
+   loss; the committed result was measured before, with 20 iterations, reward = RM + 2 x checker,
+   2 questions x 4 answers per rollout).
 2. A 2-iteration GRPO probe from that run's SFT adapter measures GRPO's seconds per iteration.
 3. GRPO's path is `lowmem-rlhf auto --algo grpo` (SFT, then GRPO on the checker alone, 1 question
    x 8 answers per rollout, lr 5e-4), with as many iterations as fit in the seconds PPO's path

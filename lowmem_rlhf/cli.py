@@ -335,6 +335,8 @@ def estimate(
                                          "(default: grpo's --beta)"),
     reward_model: bool = typer.Option(True, "--rm/--no-rm", help="GRPO/RLOO: a reward model's adapter + head scores "
                                       "the rollout (--no-rm: programs only)"),
+    kl_penalty: str = typer.Option("reward", "--kl-penalty", help="PPO: the KL in the reward or in the actor's loss "
+                                   "(the same estimate; --simulate rehearses the one given)"),
     target: str = typer.Option("cuda", "--target", help="cuda (GPU figures) or cpu (host RAM)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (allocated_gib, reserved_gib, device_gib, cpu_ram_gib, components, phases)"),
     simulate: bool = typer.Option(False, "--simulate", help="rehearse one real step on meta tensors (no weights allocated) and print simulated vs analytic per phase"),
@@ -371,6 +373,7 @@ def estimate(
     spec = load_spec(model)
     if beta is not None and beta < 0:
         raise UserError(f"--beta must be 0 or more, got {beta}")
+    _choice(kl_penalty=kl_penalty, cls=PPOConfig)
     est = run_estimate(spec, prof, stage, shape, target=target, separate_models=separate_models,
                        reward_model=reward_model, beta=beta)
     if simulate:
@@ -378,7 +381,7 @@ def estimate(
 
         if target != "cuda" or separate_models:
             raise UserError("--simulate rehearses the CUDA layout of one shared base; drop --target cpu / --separate-models")
-        sim = run_simulation(model, prof, stage, shape, reward_model=reward_model, beta=beta)
+        sim = run_simulation(model, prof, stage, shape, reward_model=reward_model, beta=beta, kl_penalty=kl_penalty)
         if as_json:
             d = sim.to_dict()
             d["profile_settings"] = prof.to_dict()
@@ -441,16 +444,19 @@ def auto(
     rm_steps: int = option(AutoConfig, "rm_steps"),
     algo: str = option(AutoConfig, "algo"),
     ppo_iterations: Optional[int] = option(AutoConfig, "ppo_iterations"),
-    ppo_epochs: int = option(AutoConfig, "ppo_epochs"),
+    ppo_epochs: Optional[int] = option(AutoConfig, "ppo_epochs"),
     ppo_lr: Optional[float] = option(AutoConfig, "ppo_lr"),
     beta: Optional[float] = option(AutoConfig, "beta"),
-    kl_coef: float = option(AutoConfig, "kl_coef"),
+    kl_coef: Optional[float] = option(AutoConfig, "kl_coef"),
+    kl_penalty: Optional[str] = option(AutoConfig, "kl_penalty"),
+    whiten: Optional[bool] = option(AutoConfig, "whiten"),
     kl_target: Optional[float] = option(AutoConfig, "kl_target"),
     kl_horizon: Optional[int] = option(AutoConfig, "kl_horizon"),
     reward_weight: Optional[float] = option(AutoConfig, "reward_weight"),
     temperature: float = option(AutoConfig, "temperature"),
     missing_eos_penalty: Optional[float] = option(AutoConfig, "missing_eos_penalty"),
     train_rm: Optional[bool] = option(AutoConfig, "train_rm"),
+    rm_reward: Optional[bool] = option(AutoConfig, "rm_reward"),
     seed: int = option(AutoConfig, "seed"),
     max_vram: Optional[float] = option(AutoConfig, "max_vram"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan only: print what would run, load nothing"),
@@ -474,8 +480,11 @@ def auto(
         return
     if ppo_iterations is not None:
         _positive(ppo_iterations=ppo_iterations)
-    _positive(sft_steps=sft_steps, rm_steps=rm_steps, ppo_epochs=ppo_epochs,
-              sft_batch=sft_batch, rm_batch=rm_batch)
+    if ppo_epochs is not None:
+        _positive(ppo_epochs=ppo_epochs)
+    if kl_penalty is not None:
+        _choice(kl_penalty=kl_penalty, cls=PPOConfig)
+    _positive(sft_steps=sft_steps, rm_steps=rm_steps, sft_batch=sft_batch, rm_batch=rm_batch)
     _algo(algo)
     cfg = _config(AutoConfig, locals(), None).resolve()
     s = cfg.shape()
@@ -549,6 +558,7 @@ def ppo(
     lr_schedule: str = option(PPOConfig, "lr_schedule"),
     kl_coef: float = option(PPOConfig, "kl_coef"),
     kl_estimator: str = option(PPOConfig, "kl_estimator"),
+    kl_penalty: str = option(PPOConfig, "kl_penalty"),
     kl_target: Optional[float] = option(PPOConfig, "kl_target"),
     kl_horizon: int = option(PPOConfig, "kl_horizon"),
     temperature: float = option(PPOConfig, "temperature"),
@@ -556,6 +566,8 @@ def ppo(
     sampler_logprobs: bool = option(PPOConfig, "sampler_logprobs"),
     missing_eos_penalty: Optional[float] = option(PPOConfig, "missing_eos_penalty"),
     reward_norm: bool = option(PPOConfig, "reward_norm"),
+    reward_scale: bool = option(PPOConfig, "reward_scale"),
+    whiten_advantages: bool = option(PPOConfig, "whiten_advantages"),
     eval_prompts: Optional[str] = option(PPOConfig, "eval_prompts"),
     eval_reward: Optional[str] = option(PPOConfig, "eval_reward"),
     seed: int = option(PPOConfig, "seed"),
@@ -579,7 +591,7 @@ def ppo(
               samples_per_prompt=samples_per_prompt)
     _not_negative(save_every=save_every, threads=threads)
     _positive(max_nonfinite=max_nonfinite)
-    _choice(kl_estimator=kl_estimator, lr_schedule=lr_schedule, cls=PPOConfig)
+    _choice(kl_estimator=kl_estimator, kl_penalty=kl_penalty, lr_schedule=lr_schedule, cls=PPOConfig)
     from lowmem_rlhf.algo.rewards import parse_weights
 
     weights = parse_weights(reward_weights)

@@ -369,14 +369,22 @@ class PPOConfig(RLConfig):
     ppo_epochs: int = knob(4, "passes over each rollout")
     critic_lr: float | None = knob(None, "critic learning rate (default: the profile's)")
     kl_coef: float = knob(0.05, "KL penalty coefficient (the initial one, if adaptive)")
-    kl_estimator: Literal["k1", "k3"] = knob("k1", "per-token KL estimator: k1 or k3")
+    kl_estimator: Literal["k1", "k3"] = knob("k1", "per-token KL estimator of the reward penalty: k1 or k3")
+    kl_penalty: Literal["reward", "loss"] = knob("reward", "where the KL to the reference acts: a per-token "
+                                                           "penalty in the reward (--kl-estimator), or a k3 term "
+                                                           "of the actor's loss, as GRPO's (--kl-coef weighs either)")
     kl_target: float | None = knob(None, "adaptive KL: target per-sequence KL")
     kl_horizon: int = knob(10000, "adaptive KL controller horizon (samples)")
     gamma: float = knob(1.0, "GAE discount")
     lam: float = knob(0.95, "GAE lambda")
     vf_clip: float = knob(0.2, "value clip range")
-    whiten_advantages: bool = knob(True, "normalise advantages over the rollout")
+    whiten_advantages: bool = knob(True, "normalise advantages to mean 0, std 1 over the rollout (--no-whiten: "
+                                          "as computed; a small rollout whose scores are all equal is then not "
+                                          "scaled up from the critic's errors)", flag="--whiten/--no-whiten")
     reward_norm: bool = knob(False, "normalise scores by their running mean and std over the run")
+    reward_scale: bool = knob(False, "divide scores by their running std over the run, without subtracting the "
+                                     "mean (PPO's reward scaling: a rollout whose scores are all 0 stays at 0); "
+                                     "--reward-norm subtracts it too")
     separate_models: bool = knob(False, "the 4-model layout (benchmark comparison), not the design")
 
 
@@ -429,18 +437,29 @@ class AutoConfig:
                                                        "each response against the others to its prompt)")
     ppo_iterations: int | None = knob(None, "RL iterations (default: 20 for PPO, 40 for GRPO/RLOO, whose iterations "
                                             "cost about half: no critic)")
-    ppo_epochs: int = knob(2, "PPO passes over each rollout (GRPO/RLOO: one, exactly on-policy)")
+    ppo_epochs: int | None = knob(None, "PPO passes over each rollout (default: 1 for the demo, exactly on-policy; 2 "
+                                        "for a named model; GRPO/RLOO: one)")
     ppo_lr: float | None = knob(None, "RL actor learning rate (default: 2e-4 for the demo, else the profile's)")
     beta: float | None = knob(None, "GRPO/RLOO: weight of the KL-to-reference loss term (default: grpo's --beta)")
-    kl_coef: float = knob(0.05, "PPO KL penalty coefficient (the initial one: the KL is adaptive by default)")
-    kl_target: float | None = knob(None, "adaptive KL: per-sequence KL the coefficient steers to (default: 3 for "
-                                         "the demo, 6 for a named model; 0: a fixed coefficient)")
-    kl_horizon: int | None = knob(None, "adaptive KL horizon in samples: smaller reacts faster (default: 16 for "
-                                        "the demo, 10000 for a named model)")
+    kl_coef: float | None = knob(None, "PPO KL coefficient (the initial one where the KL is adaptive; default: 0.04 "
+                                       "for the demo, in the actor's loss; 0.05 for a named model, in the reward)")
+    kl_penalty: Literal["reward", "loss"] | None = knob(None, "PPO: the KL to the reference as a per-token penalty in "
+                                                              "the reward, or a k3 term of the actor's loss (default: "
+                                                              "loss for the demo, reward for a named model)")
+    whiten: bool | None = knob(None, "PPO: normalise advantages over each rollout (default: off for the demo, whose "
+                                     "rollout is one question's 8 answers; on for a named model)",
+                               flag="--whiten/--no-whiten")
+    kl_target: float | None = knob(None, "adaptive KL: per-sequence KL the coefficient steers to (default: fixed "
+                                         "for the demo, 6 for a named model; 0: a fixed coefficient)")
+    kl_horizon: int | None = knob(None, "adaptive KL horizon in samples: smaller reacts faster (default: 10000)")
     reward_weight: float | None = knob(None, "weight of the program's score where PPO adds it to the reward "
                                              "model's (default: 2 for the demo, else 1)")
-    train_rm: bool | None = knob(None, "train the reward model even with a program reward; PPO then adds both "
-                                       "scores (default: on for the demo, off otherwise)", flag="--train-rm/--no-train-rm")
+    train_rm: bool | None = knob(None, "train the reward model even with a program reward (default: on for the "
+                                       "demo, off otherwise)", flag="--train-rm/--no-train-rm")
+    rm_reward: bool | None = knob(None, "where the reward model is trained beside a program reward, RL adds its "
+                                        "score to the program's (default: off for the demo, whose 30-step reward "
+                                        "model ranks any one word above a sentence; on otherwise)",
+                                  flag="--rm-reward/--no-rm-reward")
     temperature: float = knob(0.7, "PPO sampling temperature (the log-probs are taken at it too)")
     missing_eos_penalty: float | None = knob(None, "PPO: subtract this from the score of a response cut before any "
                                                    "EOS (default: 1 for the demo, off for a named model)")
@@ -470,19 +489,23 @@ class AutoConfig:
                      response_len=self.response_len, rollout_batch=self.rollout_batch)
 
 
-# The demo's PPO reward is the reward model's score plus twice the checker's (the right answer).
-# Measured alone, each failed: on the RM alone (30 steps on the 135M model: it learns brevity, few
-# facts) PPO found one-word nonsense ("SHOOT") that it scores high, held-out answers containing the
-# right word 35/96 -> 1/96; on the checker alone the reward was too sparse to move in 20 iterations
-# of 8 samples (mean 0.08, flat). Four samples per prompt (2 questions x 4 per rollout) put the right
-# word and the echoed word of one question side by side in the advantages (held-out exactly right
-# 2/96 -> 18/96 at seed 0 before the checker read quoted answers, 0/96 -> 7/96 after; the knowledge
-# is lost on the way: README, "The embedded demo").
+# The demo's PPO: the checker alone is the reward; each rollout is one question's 8 answers, one
+# epoch at lr 5e-4 for 40 iterations; the KL to the reference is a k3 term of the actor's loss
+# (coefficient 0.04, fixed) and the advantages are not whitened. Measured (seed 0, the same SFT
+# policy, held-out strict / lenient from 0 / 39): this -> 39 / 44 (KL 16.8); whitened -> 3 / 9 (KL
+# 32: a rollout whose 8 scores are all 0 has advantages of the critic's errors alone, which
+# whitening scales to unit size); the KL in the reward, not whitened -> 16 / 16; with the reward
+# model's score added (x1, checker x2) -> 2 / 2 (its 30 steps learn a length prior: any one word
+# beats a sentence). The RM is still trained and scored (`auto`'s summary), not used as a reward
+# (--rm-reward adds it). Before (RM + 2 x checker, 2 x 4 answers, 2 epochs, KL in the reward at an
+# adaptive target of 3): 0 / 39 -> 2 / 2 (README, "The embedded demo").
 DEMO_SHAPE = {"sft_data": str(bundled_path("demo-sft.jsonl.gz")), "seq_len": 128, "prompt_len": 64, "response_len": 16,
-              "ppo_lr": 2e-4, "kl_target": 3.0, "kl_horizon": 8, "reward": DEMO_CHECKER, "train_rm": True, "reward_weight": 2.0,
-              "missing_eos_penalty": 1.0, "samples_per_prompt": 4, "ppo_iterations": 20}
+              "ppo_lr": 5e-4, "ppo_epochs": 1, "kl_coef": 0.04, "kl_target": 0.0, "kl_horizon": 10000,
+              "kl_penalty": "loss", "whiten": False, "reward": DEMO_CHECKER, "train_rm": True, "rm_reward": False,
+              "reward_weight": 2.0, "missing_eos_penalty": 1.0, "samples_per_prompt": 8, "ppo_iterations": 40}
 NAMED_SHAPE = {"sft_data": str(bundled_path("self-instruct-seed-tasks.jsonl")), "seq_len": 512, "prompt_len": 256,
-               "response_len": 256, "kl_target": 6.0, "kl_horizon": 10000, "train_rm": False, "reward_weight": 1.0,
+               "response_len": 256, "ppo_epochs": 2, "kl_coef": 0.05, "kl_target": 6.0, "kl_horizon": 10000,
+               "kl_penalty": "reward", "whiten": True, "train_rm": False, "rm_reward": True, "reward_weight": 1.0,
                "samples_per_prompt": 1, "ppo_iterations": 20}
 # GRPO/RLOO in `auto`: the group baseline is the checker's own contrast between the answers to one
 # question, so the demo needs no reward model. Measured on the demo (seed 0, 40 iterations, held-out

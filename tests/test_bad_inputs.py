@@ -114,6 +114,8 @@ TABLE = {
     "flag-zero-max-vram": (_with(SFT, max_vram="0"), "sft", ["--max-vram must be a positive number of GiB, got 0"]),
     "flag-kl-estimator": (_with(PPO, reward="{rewards}:ascii_share", kl_estimator="k9"), "ppo",
                           ["--kl-estimator must be k1 or k3"]),
+    "flag-kl-penalty": (_with(PPO, reward="{rewards}:ascii_share", kl_penalty="both"), "ppo",
+                        ["--kl-penalty must be reward or loss, got 'both'"]),
     "flag-reward-weights-count": (_with(PPO, reward="{rewards}:ascii_share", reward_cmd="{hang}",
                                         reward_weights="1,2,3"), "ppo",
                                   ["--reward-weights gives 3 weight(s) for 2 reward(s) (--reward, --reward-cmd)",
@@ -132,7 +134,7 @@ TABLE = {
                                 ["--samples-per-prompt 3 must divide --rollout-batch 2", "use --rollout-batch 3"]),
     # the demo's 4 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM
     "flag-auto-samples-per-prompt": (["auto", "--out", "{root}/auto-run", "--rollout-batch", "6"], None,
-                                     ["--samples-per-prompt 4 must divide --rollout-batch 6"]),
+                                     ["--samples-per-prompt 8 must divide --rollout-batch 6: use --rollout-batch 8"]),
     # profile YAML
     "profile-malformed-yaml": (_with(SFT, profile="{profiles}/malformed.yaml"), "sft",
                                ["malformed.yaml", "malformed YAML"]),

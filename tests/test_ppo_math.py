@@ -17,6 +17,7 @@ from lowmem_rlhf.algo.ppo_math import (
     shaped_rewards,
     token_entropy,
     token_logprobs,
+    token_mean,
     value_loss,
     whiten,
 )
@@ -104,6 +105,28 @@ def test_policy_loss_by_hand():
     assert out.clip_frac.item() == pytest.approx(0.5)
     # k3: (1.5 - 1 - ln 1.5 + 0.5 - 1 - ln 0.5) / 2
     assert out.approx_kl.item() == pytest.approx((0.5 - math.log(1.5) - 0.5 - math.log(0.5)) / 2)
+
+
+def test_policy_loss_with_the_kl_in_it_adds_the_k3_term_by_hand():
+    """--kl-penalty loss: each token adds kl_coef x k3, with k3 = r - 1 - ln r, r = p_ref / p. Its
+    gradient pulls the log-prob toward the reference's: d/dlogp = 1 - r, 0 at the reference. A
+    padded token with an extreme log-prob stays out (no inf x 0)."""
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[0.0, math.log(0.5), -200.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, math.log(0.25), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.zeros(1, 3)
+    out = policy_loss(logp, old, adv, mask, clip=0.2, tokens=2.0, ref_logp=ref, kl_coef=0.5)
+    # token 1 at the reference: k3 = 0; token 2: r = 0.5, k3 = 0.5 - 1 - ln 0.5 = 0.193147
+    assert out.loss.item() == pytest.approx(0.5 * 0.193147 / 2, abs=1e-6)
+    out.loss.backward()
+    # d/dlogp of 0.5 x k3 / 2 tokens: 0.25 x (1 - r) = 0.125 on token 2; 0 at the reference and on the pad
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 0.125, 0.0], abs=1e-6)
+    plain = policy_loss(logp.detach(), old, adv, mask, clip=0.2, tokens=2.0)
+    assert plain.loss.item() == 0.0  # without it: the surrogate alone, 0 at zero advantages
+    # kl_coef 0: the clipped surrogate alone, min(r, clip(r)) at advantage 1
+    assert torch.allclose(policy_loss(logp.detach(), old, adv + 1, mask, 0.2, 2.0, ref, 0.0).loss,
+                          token_mean(-torch.exp(logp.detach() - old).clamp(max=1.2), mask, 2.0))
 
 
 def test_value_loss_by_hand():

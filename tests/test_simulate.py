@@ -122,3 +122,19 @@ def test_a_data_parallel_process_holds_ddp_buckets_in_every_phase():
     for a, b in zip(one.phases, dp.phases):
         assert b.by_tag["ddp_buckets"] == bucket
         assert b.peak == a.peak + bucket and b.analytic == a.analytic + bucket
+
+
+def test_ppo_with_the_kl_in_the_loss_is_rehearsed_and_estimated_alike(tiny_llama):
+    """--kl-penalty loss: the actor's loss adds a k3 term over the reference log-probs the rollout
+    already keeps. The rehearsal runs that loss through the stage's own update (it fails where the
+    rehearsed rollout lacks what the term reads), and the estimate, the same for both placements,
+    stays within 10% of it."""
+    prof = _prof(grad_ckpt=True)
+    sims = {k: simulate(str(tiny_llama), prof, "ppo", SMALL, kl_penalty=k) for k in ("reward", "loss")}
+    for k, sim in sims.items():
+        for ph in sim.phases:
+            assert abs(ph.drift) <= 0.10, f"{k} {ph.name}: {ph.analytic} vs {ph.peak} ({ph.drift:+.1%})"
+    by = {k: {p.name: p for p in s.phases} for k, s in sims.items()}
+    assert by["loss"]["actor_update"].analytic == by["reward"]["actor_update"].analytic
+    # the same allocations but for the k3 term's (mb, R) transients: at most a few KiB apart
+    assert abs(by["loss"]["actor_update"].peak - by["reward"]["actor_update"].peak) < 64 * 1024

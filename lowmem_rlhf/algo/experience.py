@@ -70,6 +70,7 @@ class Experience(Rollout):
     advantages: torch.Tensor | None = None  # (B, R) GAE (whitened if asked)
     returns: torch.Tensor | None = None  # (B, R) advantages + values
     components: dict[str, torch.Tensor] | None = None  # (B,) each reward's own score (`algo.rewards.RewardSet`)
+    kl_loss_coef: float = 0.0  # weight of the actor loss's k3 KL term (PPO --kl-penalty loss); 0: none
 
     @property
     def prompt_len(self) -> int:
@@ -284,12 +285,12 @@ def score_rollout(roles: Roles, ro: Rollout, size: int, iteration: int, learned_
 def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg,
                   moments: M.RunningMoments | None) -> torch.Tensor:
     """The scores RL optimises: minus cfg.missing_eos_penalty where a response was cut before
-    any EOS (ended False), then normalised by the run's running moments when --reward-norm (over
-    the global batch in a data-parallel run). (B,)."""
+    any EOS (ended False), then normalised by the run's running moments when --reward-norm, or
+    divided by their std alone when --reward-scale (over the global batch in a data-parallel run). (B,)."""
     if cfg.missing_eos_penalty and ended is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).to(scores.dtype)
     if moments is not None:
-        scores = moments.normalize(scores, reduce=global_sum())
+        scores = moments.normalize(scores, reduce=global_sum(), center=bool(getattr(cfg, "reward_norm", False)))
     return scores
 
 
@@ -354,19 +355,21 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
                     moments: M.RunningMoments | None = None) -> Experience:
     """One PPO rollout, sampled and scored (`sample_and_score`: generation -> scoring by the
     rewards, reference, actor and critic) -> KL, shaped rewards, GAE. kl_coef: this iteration's KL
-    coefficient. moments: the running score moments (--reward-norm), updated here; None: raw scores."""
+    coefficient: on the reward's tokens, or (cfg.kl_penalty "loss") on the actor loss's k3 term.
+    moments: the running score moments (--reward-norm, --reward-scale), updated here; None: raw scores."""
     sc = sample_and_score(roles, sample, cfg, rewards, gen_mb, mb, iteration, phase)
     ro, m = sc.rollout, sc.rollout.response_mask
     kl = M.kl_estimate(sc.old_lp, sc.ref_lp, cfg.kl_estimator) * m
     train_scores = adjust_scores(sc.scores, ro.ended, cfg, moments)
-    shaped = M.shaped_rewards(train_scores, kl, m, kl_coef)
+    in_loss = cfg.kl_penalty == "loss"
+    shaped = M.shaped_rewards(train_scores, kl, m, 0.0 if in_loss else kl_coef)
     adv, returns = M.gae(shaped, sc.values, m, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = M.whiten(adv, m, reduce=global_sum())  # the global batch's mean and std
     return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=sc.old_lp,
                       ref_logprobs=sc.ref_lp, values=sc.values, entropy=sc.entropy, scores=sc.scores,
                       train_scores=train_scores, kl=kl, rewards=shaped, advantages=adv, returns=returns,
-                      components=sc.components)
+                      components=sc.components, kl_loss_coef=kl_coef if in_loss else 0.0)
 
 
 __all__ = ["Rollout", "Experience", "Scored", "stage_key", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",

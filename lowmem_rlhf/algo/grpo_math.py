@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_rlhf.algo.ppo_math import masked_mean
+from lowmem_rlhf.algo.ppo_math import masked_k3, masked_mean
 
 STD_EPS = 1e-4  # added to the group std: a group whose rewards are all equal gets advantage 0, not 0/0
 
@@ -40,14 +40,6 @@ def rloo_advantages(scores: torch.Tensor, group: int) -> torch.Tensor:
     s = _groups(scores, group)
     others = (s.sum(1, keepdim=True) - s) / (group - 1)
     return (s - others).reshape(-1)
-
-
-def masked_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 KL(policy || reference) per token, (B, R) -> (B, R), 0 where mask is 0: the log-ratio is
-    zeroed there before the exponential, so a padded position's extreme log-prob (below -88) cannot
-    overflow to inf and turn the masked sum into NaN (inf x 0)."""
-    log_r = torch.where(mask > 0, ref_logp - logp, torch.zeros_like(logp))
-    return torch.expm1(log_r) - log_r
 
 
 @dataclass

@@ -38,11 +38,14 @@ LossFn = Callable[[SharedBase, Experience, list[int], PPOConfig, torch.Tensor], 
 
 def actor_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig,
                tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate over the rows `idx`, with the actor active: the sum of their token losses
-    divided by `tokens`, the minibatch's response tokens -> (loss, stats)."""
+    """Clipped surrogate over the rows `idx`, with the actor active (plus the k3 KL term where
+    exp.kl_loss_coef > 0): the sum of their token losses divided by `tokens`, the minibatch's
+    response tokens -> (loss, stats)."""
     seqs, am = exp.rows(idx)
     lp = logprobs_of(eng, response_hidden(eng, seqs, am, exp.prompt_len), exp.response[idx], cfg.temperature)
-    pl = M.policy_loss(lp, exp.logprobs[idx], exp.advantages[idx], exp.response_mask[idx], cfg.clip, tokens)
+    ref = exp.ref_logprobs[idx] if exp.kl_loss_coef else None
+    pl = M.policy_loss(lp, exp.logprobs[idx], exp.advantages[idx], exp.response_mask[idx], cfg.clip, tokens,
+                       ref, exp.kl_loss_coef)
     return pl.loss, {"policy_loss": pl.loss.detach(), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl,
                      "ratio_mean": pl.ratio_mean, "max_abs_log_ratio": pl.max_abs_log_ratio}
 

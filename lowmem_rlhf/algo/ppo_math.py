@@ -142,6 +142,14 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") ->
     raise ValueError(f"kl estimator must be k1 or k3, got {kind!r}")
 
 
+def masked_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 KL(policy || reference) per token, (B, R) -> (B, R), 0 where mask is 0: the log-ratio is
+    zeroed there before the exponential, so a padded position's extreme log-prob (below -88) cannot
+    overflow to inf and turn the masked sum into NaN (inf x 0)."""
+    log_r = torch.where(mask > 0, ref_logp - logp, torch.zeros_like(logp))
+    return torch.expm1(log_r) - log_r
+
+
 class FixedKLController:
     def __init__(self, coef: float):
         self.value = coef
@@ -176,9 +184,10 @@ class RunningMoments:
         self.mean, self.var, self.count = mean, var, count
 
     def normalize(self, scores: torch.Tensor, eps: float = 1e-8,
-                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, center: bool = True) -> torch.Tensor:
         """reduce: a sum over the processes of a data-parallel run: the moments take the global
-        batch (every process updates them alike); None: this batch alone."""
+        batch (every process updates them alike); None: this batch alone. center False: scores /
+        std, the mean kept (--reward-scale)."""
         x = scores.detach().double()
         if reduce is None:
             n, m, v = float(len(x)), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
@@ -191,7 +200,8 @@ class RunningMoments:
         var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
         self.mean, self.var, self.count = self.mean + delta * n / total, var, total
         std = max(self.var, 0.0) ** 0.5
-        return (scores - self.mean) / (std + eps) if std > 0 else scores - self.mean
+        shifted = scores - self.mean if center else scores
+        return shifted / (std + eps) if std > 0 else shifted
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
@@ -248,14 +258,20 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | float
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2, tokens: torch.Tensor | float | None = None) -> PolicyLoss:
+                clip: float = 0.2, tokens: torch.Tensor | float | None = None,
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0) -> PolicyLoss:
     """Clipped surrogate: token mean (see token_mean) of max(-A r, -A clip(r, 1-eps, 1+eps)),
-    r = p / p_old; (B, T) inputs. The statistics are means over this call's tokens."""
+    r = p / p_old; (B, T) inputs. With ref_logp and kl_coef > 0 (--kl-penalty loss), each token adds
+    kl_coef x k3(policy || reference), whose gradient pulls every token toward the reference. The
+    statistics are means over this call's tokens."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = token_mean(torch.maximum(pg1, pg2), mask, tokens)
+    per_token = torch.maximum(pg1, pg2)
+    if ref_logp is not None and kl_coef:
+        per_token = per_token + kl_coef * masked_k3(logp, ref_logp, mask)
+    loss = token_mean(per_token, mask, tokens)
     with torch.no_grad():
         clip_frac = masked_mean((pg2 > pg1).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 of new vs old
@@ -276,6 +292,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, frac
 
 
-__all__ = ["LogitMap", "IDENTITY", "VOCAB_CHUNK", "token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate",
+__all__ = ["LogitMap", "IDENTITY", "VOCAB_CHUNK", "token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate", "masked_k3",
            "FixedKLController", "AdaptiveKLController", "shaped_rewards", "gae", "policy_loss",
            "value_loss", "PolicyLoss", "token_mean", "RunningMoments"]

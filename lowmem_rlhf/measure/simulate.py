@@ -379,9 +379,11 @@ class _Rehearsal:
             del loss
             optimizer_step(opt, self.params("reward"))
 
-    def ppo(self, shape: Shape, stage: str = "ppo", reward_model: bool = True, beta: float | None = None) -> int:
+    def ppo(self, shape: Shape, stage: str = "ppo", reward_model: bool = True, beta: float | None = None,
+            kl_penalty: str = "reward") -> int:
         """One RL iteration through the stage's own functions, with its config's defaults. PPO:
-        algo.experience.make_experience (generation, scoring, KL, GAE) and algo.ppo.ppo_update;
+        algo.experience.make_experience (generation, scoring, KL, GAE) and algo.ppo.ppo_update, the
+        KL to the reference in the reward or (kl_penalty "loss") in the actor's loss;
         GRPO/RLOO: algo.grpo.make_group_experience and group_update (reward adapter + head only
         with reward_model, the reference only when beta > 0; default GRPOConfig's). One epoch:
         later epochs repeat the same allocations. Returns the KV cache's bytes."""
@@ -415,7 +417,8 @@ class _Rehearsal:
             cfg = GRPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, algo=stage,
                              group_size=B if B > 1 else 2, **({} if beta is None else {"beta": beta}))
         else:
-            cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1)
+            cfg = PPOConfig(profile=self.profile, rollout_batch=B, prompt_len=P, response_len=R, ppo_epochs=1,
+                            kl_penalty=kl_penalty)
         roles = Roles({r: self.engine for r in ("actor", "critic", "reward", "reference")})
         # the reward: the reward model's head (its scores are what the estimator counts); a program adds none
         rewards = RewardSet(learned=reward_model, weights={"reward_model": 1.0} if reward_model else {})
@@ -483,12 +486,14 @@ class _Rehearsal:
 
 def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: str = "cuda",
              cuda_like: bool = True, cuda_transients: bool = True, park: bool | None = None,
-             reward_model: bool = True, beta: float | None = None) -> tuple[dict[str, PhasePeak], AllocTracker, int]:
+             reward_model: bool = True, beta: float | None = None,
+             kl_penalty: str = "reward") -> tuple[dict[str, PhasePeak], AllocTracker, int]:
     """Run one step of `stage` on `loaded` (meta or real tensors) under the tracker. `cuda_like`
     patches dropout/SDPA as CUDA runs them; `cuda_transients` adds CUDA kernels' hidden transients
     (bitsandbytes' dequantized weight), which a CPU allocator never sees. park: PPO parks the idle
     role's optimizer state as on CUDA (default: as the stage would on this device, `parks`); False
-    keeps it resident, as a CPU run does. reward_model, beta: GRPO/RLOO's (`_Rehearsal.ppo`)."""
+    keeps it resident, as a CPU run does. reward_model, beta: GRPO/RLOO's; kl_penalty: PPO's
+    (`_Rehearsal.ppo`)."""
     tracker = AllocTracker(transient_rules=[bnb_dequant_rule] if cuda_like and cuda_transients else [])
     if loaded.device.type == "meta":  # the device's memory only: host buffers (parked optimizer state) are not
         tracker.device_type = "meta"
@@ -505,16 +510,17 @@ def rehearse(loaded, profile: Profile, stage: str, shape: Shape, attention_op: s
             elif stage == "rm":
                 reh.rm(shape)
             else:
-                kv = reh.ppo(shape, stage, reward_model, beta)
+                kv = reh.ppo(shape, stage, reward_model, beta, kl_penalty)
             for h in reh.hooks:
                 h.remove()
     return tracker.phases, tracker, kv
 
 
 def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_model: bool = True,
-             beta: float | None = None, data_parallel: bool = False) -> Simulation:
+             beta: float | None = None, data_parallel: bool = False, kl_penalty: str = "reward") -> Simulation:
     """Build `model` on meta, rehearse one step of `stage`, and set it beside the estimator
-    (GRPO/RLOO: with a reward model or not, at KL weight beta). data_parallel: one process of a
+    (GRPO/RLOO: with a reward model or not, at KL weight beta; PPO: its KL in the reward or in the
+    actor's loss, which the estimator counts alike). data_parallel: one process of a
     launched world, which also holds DDP's gradient buckets in every phase; DDP cannot be built on
     meta tensors (it reads values at construction), so they are added as a registered storage of
     the estimator's size, which tests/test_distributed.py checks against real DDP."""
@@ -522,7 +528,8 @@ def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_mode
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     t0 = time.time()
     loaded = build_meta_model(model, profile)
-    phases, _, kv = rehearse(loaded, profile, stage, shape, reward_model=reward_model, beta=beta)
+    phases, _, kv = rehearse(loaded, profile, stage, shape, reward_model=reward_model, beta=beta,
+                             kl_penalty=kl_penalty)
     est = estimate(loaded.spec, profile, stage, shape, target="cuda", reward_model=reward_model, beta=beta,
                    data_parallel=data_parallel)
     buckets = ddp_bucket_bytes(loaded.spec, profile, stage) if data_parallel and profile.offload != "zero3" else 0

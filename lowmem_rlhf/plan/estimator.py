@@ -585,7 +585,10 @@ def _rl_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head:
     score["logits"] = chunked_logprob_bytes(spec, profile, mb * R, grad=False)  # response tokens, chunked
     score["dequant"] = dequant_transient_bytes(spec, profile)
     phases.append(Phase("scoring", score, paged=paged, target=target, host=parked))
-    # actor update: forward + backward of the actor adapter over prompt + response
+    # actor update: forward + backward of the actor adapter over prompt + response. PPO's
+    # --kl-penalty loss adds a k3 term that reads the reference log-probs the rollout buffers keep
+    # anyway: a few (mb, R) fp32 tensors, no new buffer, so both placements share this estimate
+    # (tests/test_simulate.py rehearses both)
     upd = dict(static)
     upd.pop("optimizer")
     # the backbone runs over prompt + response; log-probs only over the response, chunked

@@ -95,11 +95,17 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                             max_steps=cfg.rm_steps, eval_fraction=0.1, **common))
     else:
         console.print("2/3 reward model skipped: the reward is a program")
-    reward = " + ".join(x for x in ("the reward model" if rm is not None else "", cfg.reward or cfg.reward_cmd) if x)
-    # the program's weight against the reward model's (1) where both are rewards
     program = cfg.reward or cfg.reward_cmd
-    weights = [1.0, cfg.reward_weight or 1.0] if rm is not None and program else None
-    rl = dict(prompts=cfg.prompts, sft=run / "sft", reward_model=None if rm is None else run / "rm",
+    # the RM is a reward unless it was trained beside a program with --no-rm-reward (None: an
+    # auto.json from before the knob, when it always was)
+    rm_rewards = rm is not None and not (program and cfg.rm_reward is False)
+    if rm is not None and not rm_rewards:
+        console.print(f"the reward model is trained and scored, not a reward: RL optimises {program} alone "
+                      "(--rm-reward adds it)")
+    reward = " + ".join(x for x in ("the reward model" if rm_rewards else "", program) if x)
+    # the program's weight against the reward model's (1) where both are rewards
+    weights = [1.0, cfg.reward_weight or 1.0] if rm_rewards and program else None
+    rl = dict(prompts=cfg.prompts, sft=run / "sft", reward_model=run / "rm" if rm_rewards else None,
               reward_weights=weights, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
               reward=cfg.reward, reward_cmd=cfg.reward_cmd, iterations=cfg.ppo_iterations, lr=cfg.ppo_lr,
               rollout_batch=cfg.rollout_batch, prompt_len=cfg.prompt_len, response_len=cfg.response_len,
@@ -109,8 +115,10 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                     f"prompts x {spp})", run_grpo, dataclasses.replace(rl_cfg, **rl))
     else:
         ppo = stage("ppo", f"3/3 PPO on {cfg.prompts} (reward: {reward})", run_ppo,
-                    PPOConfig(ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                              kl_horizon=cfg.kl_horizon or 10000, samples_per_prompt=spp, **rl))
+                    PPOConfig(ppo_epochs=cfg.ppo_epochs or 2, kl_coef=0.05 if cfg.kl_coef is None else cfg.kl_coef,
+                              kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
+                              kl_penalty=cfg.kl_penalty or "reward", whiten_advantages=cfg.whiten is not False,
+                              samples_per_prompt=spp, **rl))
     before, after = ppo["heldout_before"] or {}, ppo["heldout_after"] or {}
     summary = {
         "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,

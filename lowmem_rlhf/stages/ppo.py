@@ -160,7 +160,7 @@ def run_ppo(cfg: PPOConfig, console=None) -> dict:
                      optimizers=optimizers, samplers={"prompts": sampler, "minibatch_order": order},
                      schedulers={**schedulers, **{f"{r}-loss-scale": roles.engines[r].scalers[r]  # fp16 only
                                                   for r in ("actor", "critic") if r in roles.engines[r].scalers}})
-        moments = M.RunningMoments() if cfg.reward_norm else None
+        moments = M.RunningMoments() if cfg.reward_norm or cfg.reward_scale else None
         state = st.resume({"rewards": [], "iter_seconds": [], "skipped": 0, "eval_before": None,
                            "micro_batch": mb.size, "generation_batch": gen_mb.size, "kl_coef": kl_ctl.value,
                            "reward_moments": None if moments is None else moments.state_dict()}, parts,
