@@ -147,6 +147,10 @@ def test_run_folders_of_the_previous_version_still_resume(tmp_path):
     (tmp_path / "auto.json").write_text(json.dumps(old_auto))
     a = load_auto_config(tmp_path)
     assert a.seq_len == 96 and a.sft_steps == 3 and a.profile.lora_r == 16
+    # knobs newer than the file: what that run did (1 answer per prompt, 2 epochs, KL 0.05 in the
+    # reward, whitened, the RM a reward)
+    assert (a.samples_per_prompt, a.ppo_epochs, a.kl_coef, a.kl_penalty, a.whiten, a.rm_reward) == \
+        (1, 2, 0.05, "reward", True, True)
 
 
 def test_resume_of_a_run_older_than_a_knob_compares_with_its_default(tmp_path):

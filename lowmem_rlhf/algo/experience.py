@@ -290,7 +290,7 @@ def adjust_scores(scores: torch.Tensor, ended: torch.Tensor | None, cfg,
     if cfg.missing_eos_penalty and ended is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).to(scores.dtype)
     if moments is not None:
-        scores = moments.normalize(scores, reduce=global_sum(), center=bool(getattr(cfg, "reward_norm", False)))
+        scores = moments.normalize(scores, reduce=global_sum(), center=cfg.reward_norm)
     return scores
 
 

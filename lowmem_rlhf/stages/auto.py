@@ -33,6 +33,9 @@ from lowmem_rlhf.stages.rm import RMConfig, run_rm
 from lowmem_rlhf.stages.sft import SFTConfig, run_sft
 
 AUTO_CONFIG = "auto.json"
+# what a run written before a knob existed (or before its default became per shape) did
+PRE_KNOB = {"samples_per_prompt": 1, "ppo_epochs": 2, "kl_coef": 0.05, "kl_penalty": "reward", "whiten": True,
+            "rm_reward": True}
 
 
 def save_auto_config(cfg: AutoConfig, run: Path) -> None:
@@ -48,6 +51,9 @@ def load_auto_config(run: Path) -> AutoConfig:
     if "sft_len" in d:  # written before SFT and RM shared one --seq-len (they always ran at the same length)
         d["seq_len"] = d.pop("sft_len")
         d.pop("rm_len", None)
+    for k, then in PRE_KNOB.items():  # written before the knob: the run goes on as it ran
+        if d.get(k) is None:
+            d[k] = then
     d["profile"] = dataclass_from_dict(Profile, d["profile"], str(path))
     d["out"] = Path(d["out"])
     return dataclass_from_dict(AutoConfig, d, str(path))
@@ -57,7 +63,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     """SFT -> RM -> PPO (or GRPO/RLOO, cfg.algo). With resume: finished stages are kept, the one in
     progress continues from its newest checkpoint, the rest start fresh."""
     t0 = time.time()
-    spp = 1 if cfg.samples_per_prompt is None else cfg.samples_per_prompt  # None: an auto.json from before the knob
+    spp = cfg.samples_per_prompt
     algo = cfg.algo
     if algo in CRITIC_FREE:
         rl_cfg = GRPOConfig(algo=algo, group_size=spp, **({} if cfg.beta is None else {"beta": cfg.beta}))
@@ -96,9 +102,8 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
     else:
         console.print("2/3 reward model skipped: the reward is a program")
     program = cfg.reward or cfg.reward_cmd
-    # the RM is a reward unless it was trained beside a program with --no-rm-reward (None: an
-    # auto.json from before the knob, when it always was)
-    rm_rewards = rm is not None and not (program and cfg.rm_reward is False)
+    # the RM is a reward unless it was trained beside a program with --no-rm-reward
+    rm_rewards = rm is not None and not (program and not cfg.rm_reward)
     if rm is not None and not rm_rewards:
         console.print(f"the reward model is trained and scored, not a reward: RL optimises {program} alone "
                       "(--rm-reward adds it)")
@@ -115,10 +120,9 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                     f"prompts x {spp})", run_grpo, dataclasses.replace(rl_cfg, **rl))
     else:
         ppo = stage("ppo", f"3/3 PPO on {cfg.prompts} (reward: {reward})", run_ppo,
-                    PPOConfig(ppo_epochs=cfg.ppo_epochs or 2, kl_coef=0.05 if cfg.kl_coef is None else cfg.kl_coef,
-                              kl_target=cfg.kl_target or None, kl_horizon=cfg.kl_horizon or 10000,
-                              kl_penalty=cfg.kl_penalty or "reward", whiten_advantages=cfg.whiten is not False,
-                              samples_per_prompt=spp, **rl))
+                    PPOConfig(ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
+                              kl_horizon=cfg.kl_horizon or 10000, kl_penalty=cfg.kl_penalty,
+                              whiten_advantages=cfg.whiten, samples_per_prompt=spp, **rl))
     before, after = ppo["heldout_before"] or {}, ppo["heldout_after"] or {}
     summary = {
         "run": str(run), "profile": cfg.profile.name, "wall_seconds": time.time() - t0,
