@@ -3,12 +3,13 @@ peak RSS and seconds per iteration (CPU, SmolLM2-135M-Instruct).
 
     python benchmarks/grpo_vs_ppo.py [--out runs/bench-grpo-vs-ppo] [--seed 0]
 
-1. PPO's path is `lowmem-rlhf auto` as shipped: SFT, the reward model (30 steps), then PPO (since
+1. PPO's path is `lowmem-rlhf auto --algo ppo` (the demo's default RL became GRPO on 2026-12-01):
+   SFT, the reward model (30 steps), then PPO (since
    2026-12-01: on the checker alone, 1 question x 8 answers, 40 iterations, the KL in the actor's
    loss; the committed result was measured before, with 20 iterations, reward = RM + 2 x checker,
    2 questions x 4 answers per rollout).
 2. A 2-iteration GRPO probe from that run's SFT adapter measures GRPO's seconds per iteration.
-3. GRPO's path is `lowmem-rlhf auto --algo grpo` (SFT, then GRPO on the checker alone, 1 question
+3. GRPO's path is `lowmem-rlhf auto --algo grpo --no-train-rm` (SFT, then GRPO on the checker alone, 1 question
    x 8 answers per rollout, lr 5e-4), with as many iterations as fit in the seconds PPO's path
    spent after SFT (its RM + PPO stages).
 
@@ -57,7 +58,7 @@ def main() -> None:
     ppo_run, probe_run, grpo_run = args.out / "ppo", args.out / "probe", args.out / "grpo"
     seed = ["--seed", str(args.seed)]
 
-    ppo_wall, ppo_rss = run(["auto", "--out", str(ppo_run), *seed], args.out / "ppo.log")
+    ppo_wall, ppo_rss = run(["auto", "--algo", "ppo", "--out", str(ppo_run), *seed], args.out / "ppo.log")
     rm_s, ppo_s = load(ppo_run / "rm" / "summary.json")["seconds"], load(ppo_run / "ppo" / "summary.json")["seconds"]
     budget = rm_s + ppo_s
     profile = load(ppo_run / "auto.json")["profile"]["name"]
@@ -68,8 +69,8 @@ def main() -> None:
     per_iter = load(probe_run / "grpo" / "summary.json")["seconds"] / 2
     iterations = max(1, int(budget / per_iter))
 
-    grpo_wall, grpo_rss = run(["auto", "--algo", "grpo", "--out", str(grpo_run), "--ppo-iterations", str(iterations),
-                               *seed], args.out / "grpo.log")
+    grpo_wall, grpo_rss = run(["auto", "--algo", "grpo", "--no-train-rm", "--out", str(grpo_run), "--ppo-iterations",
+                               str(iterations), *seed], args.out / "grpo.log")
     rows = {}
     for name, folder, wall, rss, stage in (("ppo", ppo_run, ppo_wall, ppo_rss, "ppo"),
                                            ("grpo", grpo_run, grpo_wall, grpo_rss, "grpo")):

@@ -442,7 +442,7 @@ def auto(
     samples_per_prompt: Optional[int] = option(AutoConfig, "samples_per_prompt"),
     sft_steps: int = option(AutoConfig, "sft_steps"),
     rm_steps: int = option(AutoConfig, "rm_steps"),
-    algo: str = option(AutoConfig, "algo"),
+    algo: Optional[str] = option(AutoConfig, "algo"),
     ppo_iterations: Optional[int] = option(AutoConfig, "ppo_iterations"),
     ppo_epochs: Optional[int] = option(AutoConfig, "ppo_epochs"),
     ppo_lr: Optional[float] = option(AutoConfig, "ppo_lr"),
@@ -464,8 +464,10 @@ def auto(
     trust_remote_code: bool = option(AutoConfig, "trust_remote_code"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the auto run in this folder with its saved settings: finished stages are kept, the stage in progress continues from its newest checkpoint"),
 ):
-    """Detect (or take) the hardware, plan for the shapes it will run, and run SFT -> RM -> PPO
-    (or GRPO/RLOO with --algo; the RM only where it is a reward) with the chosen profile."""
+    """Detect (or take) the hardware, plan for the shapes it will run, and run SFT -> RM -> RL with
+    the chosen profile. RL is GRPO on the embedded demo (its checker scores groups of answers to
+    each question; the RM is trained and scored beside it) and PPO on a named model (the RM is its
+    reward); --algo ppo|grpo|rloo picks one. With a program reward the RM runs only with --train-rm."""
     import time as _time
 
     from lowmem_rlhf.config import load_all_profiles
@@ -485,14 +487,15 @@ def auto(
     if kl_penalty is not None:
         _choice(kl_penalty=kl_penalty, cls=PPOConfig)
     _positive(sft_steps=sft_steps, rm_steps=rm_steps, sft_batch=sft_batch, rm_batch=rm_batch)
-    _algo(algo)
+    if algo is not None:
+        _algo(algo)
     cfg = _config(AutoConfig, locals(), None).resolve()
     s = cfg.shape()
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
     rm_runs = not (cfg.reward or cfg.reward_cmd) or bool(cfg.train_rm)
     stages = "sft,rm,ppo" if rm_runs else "sft,ppo"
     p = _run_plan(gpu, vram, ram, model or "smollm2-135m", s.seq_len, s.batch, s.prompt_len, s.response_len,
-                  s.rollout_batch, stages, profiles, as_json, trust_remote_code, max_vram, algo)
+                  s.rollout_batch, stages, profiles, as_json, trust_remote_code, max_vram, cfg.algo)
     if dry_run:
         if not as_json:
             console.print(f"dry run: would run {' -> '.join(st.upper() for st in p.stages)} of {p.spec.name} with "

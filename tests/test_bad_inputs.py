@@ -132,7 +132,7 @@ TABLE = {
                        ["--algo must be ppo, grpo, rloo, got 'dpo'"]),
     "flag-samples-per-prompt": (_with(PPO, reward="{rewards}:ascii_share", samples_per_prompt="3"), "ppo",
                                 ["--samples-per-prompt 3 must divide --rollout-batch 2", "use --rollout-batch 3"]),
-    # the demo's 4 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM
+    # the demo's 8 answers per prompt do not split a rollout of 6: said before SFT runs, not after RM
     "flag-auto-samples-per-prompt": (["auto", "--out", "{root}/auto-run", "--rollout-batch", "6"], None,
                                      ["--samples-per-prompt 8 must divide --rollout-batch 6: use --rollout-batch 8"]),
     # profile YAML

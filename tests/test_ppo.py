@@ -306,35 +306,51 @@ def test_export_reloads_in_plain_transformers(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_auto_runs_the_embedded_default_end_to_end(tmp_path, capsys, smollm2):
-    """The README's main command, with fewer steps: SFT -> RM -> PPO into one run folder."""
+    """The README's main command, with fewer steps: SFT -> RM -> GRPO into one run folder, the RM
+    trained and scored beside the checker, not a reward."""
     from lowmem_rlhf.cli import main
 
     run = tmp_path / "run"
     main(["auto", "--out", str(run), "--sft-steps", "2", "--rm-steps", "2", "--ppo-iterations", "2"])
     out = capsys.readouterr().out
     s = json.loads((run / "summary.json").read_text())
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "grpo"):
         assert (run / stage / "summary.json").exists()
+    assert s["algo"] == "grpo" and not (run / "ppo").exists()
     assert s["heldout_n"] == 96  # every bundled held-out question, none used in training
     for policy in ("sft", "ppo"):
         assert 0 <= s[f"heldout_correct_{policy}"] <= s[f"heldout_lenient_{policy}"] <= 96
-    ppo = json.loads((run / "ppo" / "summary.json").read_text())
-    answers = ppo["heldout_after"]["answers"]
+    rl = json.loads((run / "grpo" / "summary.json").read_text())
+    answers = rl["heldout_after"]["answers"]
     from lowmem_rlhf.algo.demo_task import strict
     from lowmem_rlhf.data import load_records
 
     held = load_records(str(bundled_path("demo-heldout.jsonl")))
     assert sum(strict(r, h["answer"]) for r, h in zip(answers, held)) == s["heldout_correct_ppo"]
     assert s["rm"]["heldout_accuracy"] is not None and s["ppo_kl_last5"] is not None
-    assert (run / "ppo" / "ppo.png").exists() and (run / "plan.json").exists()
-    assert "held-out exactly the answer (SFT -> PPO)" in out and "wall time" in out
-    ppo_cfg = json.loads((run / "ppo" / "config.json").read_text())
-    assert (ppo_cfg["samples_per_prompt"], ppo_cfg["rollout_batch"]) == (8, 8)  # the demo's 1 question x 8
-    # the demo's PPO: the checker alone (the RM trained and scored beside it), the KL in the actor's
-    # loss, advantages not whitened, one epoch
-    assert ppo_cfg["reward_model"] is None and ppo_cfg["reward"] == "lowmem_rlhf.algo.demo_task:checker"
-    assert (ppo_cfg["kl_penalty"], ppo_cfg["whiten_advantages"], ppo_cfg["ppo_epochs"]) == ("loss", False, 1)
+    assert (run / "grpo" / "grpo.png").exists() and (run / "plan.json").exists()
+    assert "held-out exactly the answer (SFT -> GRPO)" in out and "wall time" in out
+    rl_cfg = json.loads((run / "grpo" / "config.json").read_text())
+    assert (rl_cfg["group_size"], rl_cfg["rollout_batch"]) == (8, 8)  # the demo's 1 question x 8
+    # the checker alone is the reward; the RM is trained and scored beside it
+    assert rl_cfg["reward_model"] is None and rl_cfg["reward"] == "lowmem_rlhf.algo.demo_task:checker"
     assert "not a reward" in out
+
+
+def test_auto_runs_grpo_on_the_demo_and_ppo_on_a_named_model():
+    """What `auto` resolves when no flag says: the demo's RL is GRPO (the RM trained, not a
+    reward); `--algo ppo` on the demo gets the demo's PPO settings; a named model gets PPO with its
+    reward model as the reward."""
+    from lowmem_rlhf.config import DEMO_CHECKER, AutoConfig
+
+    demo = AutoConfig().resolve()
+    assert (demo.algo, demo.samples_per_prompt, demo.rollout_batch, demo.ppo_iterations) == ("grpo", 8, 8, 40)
+    assert demo.reward == DEMO_CHECKER and demo.train_rm and not demo.rm_reward
+    ppo = AutoConfig(algo="ppo").resolve()
+    assert (ppo.kl_penalty, ppo.whiten, ppo.ppo_epochs, ppo.samples_per_prompt, ppo.kl_coef) == ("loss", False, 1, 8, 0.04)
+    assert ppo.reward == DEMO_CHECKER and ppo.train_rm and not ppo.rm_reward
+    named = AutoConfig(model="llama-2-7b").resolve()
+    assert (named.algo, named.kl_penalty, named.whiten, named.rm_reward, named.reward) == ("ppo", "reward", True, True, None)
 
 
 def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_path, capsys):
@@ -343,9 +359,11 @@ def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_
     run = tmp_path / "run"
     main(["auto", "--model", str(tiny_llama), "--out", str(run), "--reward", "lowmem_rlhf.algo.demo_task:checker",
           "--seq-len", "64", "--prompt-len", "48", "--response-len", "4", "--sft-steps", "2",
-          "--ppo-iterations", "2"])
+          "--ppo-iterations", "2", "--kl-penalty", "loss", "--no-whiten"])
     out = capsys.readouterr().out
     s = json.loads((run / "summary.json").read_text())
+    ppo_cfg = json.loads((run / "ppo" / "config.json").read_text())
+    assert (ppo_cfg["kl_penalty"], ppo_cfg["whiten_advantages"]) == ("loss", False)  # auto's flags reach PPO
     assert s["rm"] is None and not (run / "rm").exists()
     assert (run / "sft" / "summary.json").exists() and (run / "ppo" / "summary.json").exists()
     assert "reward model skipped" in out and s["heldout_checker_ppo"] is not None

@@ -4,9 +4,10 @@ Why this task: a program checks it in microseconds and without doubt, so SFT, th
 PPO can all be scored on held-out prompts; answers are a few tokens, so PPO rollouts are cheap on a
 CPU; and SmolLM2-135M-Instruct often knows the answer but says it in a sentence, so there is room
 to learn the format *while keeping the knowledge*. SFT trains on general instructions
-(self-instruct seed tasks), the reward model learns the checker's preferences from pairs (right
-word over wrong word, right word over a sentence), PPO optimises that reward, and the policies
-are scored on held-out questions never used in training:
+(self-instruct seed tasks) and a few one-word answers, the reward model learns the checker's
+preferences from pairs (right word over wrong word, right word over a sentence) and is scored,
+RL (`auto`: GRPO by default, PPO with --algo ppo) optimises the checker, and the policies are
+scored on held-out questions never used in training:
 
 * strict: the response is exactly the answer (case, spaces and punctuation ignored);
 * lenient: the answer appears as a word in the response (the knowledge is there).
