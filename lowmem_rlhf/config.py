@@ -437,11 +437,11 @@ class AutoConfig:
                                                               "(critic-free: each response against the others to "
                                                               "its prompt) (default: grpo for the demo, ppo for a "
                                                               "named model)")
-    ppo_iterations: int | None = knob(None, "RL iterations (default: 20 for PPO, 40 for GRPO/RLOO, whose iterations "
-                                            "cost about half: no critic)")
+    ppo_iterations: int | None = knob(None, "RL iterations (default: 40 for the demo; for a named model 20 for PPO, "
+                                            "40 for GRPO/RLOO, whose iterations cost about half: no critic)")
     ppo_epochs: int | None = knob(None, "PPO passes over each rollout (default: 1 for the demo, exactly on-policy; 2 "
                                         "for a named model; GRPO/RLOO: one)")
-    ppo_lr: float | None = knob(None, "RL actor learning rate (default: 2e-4 for the demo, else the profile's)")
+    ppo_lr: float | None = knob(None, "RL actor learning rate (default: 5e-4 for the demo, else the profile's)")
     beta: float | None = knob(None, "GRPO/RLOO: weight of the KL-to-reference loss term (default: grpo's --beta)")
     kl_coef: float | None = knob(None, "PPO KL coefficient (the initial one where the KL is adaptive; default: 0.04 "
                                        "for the demo, in the actor's loss; 0.05 for a named model, in the reward)")
@@ -469,7 +469,8 @@ class AutoConfig:
     response_len: int | None = knob(None, "PPO generated tokens (default: 16 for the demo, 256 for a named model)")
     rollout_batch: int = knob(8, "PPO responses per rollout (prompts x --samples-per-prompt)")
     samples_per_prompt: int | None = knob(None, "responses sampled per prompt in a rollout; GRPO/RLOO's group size "
-                                                "(default: 4 for the demo and for GRPO/RLOO, 1 for PPO on a named model)")
+                                                "(default: 8 for the demo, 4 for GRPO/RLOO on a named model, 1 "
+                                                "for PPO on one)")
     seed: int = knob(0, "seed of every stage")
     max_vram: float | None = knob(None, "GPU memory cap in GiB: the planner plans for it and every stage may "
                                         "allocate no more (rehearse a 24 GiB card on a bigger one)")
