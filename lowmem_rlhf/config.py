@@ -522,14 +522,15 @@ NAMED_SHAPE = {"sft_data": str(bundled_path("self-instruct-seed-tasks.jsonl")), 
 # The demo's default RL is GRPO (a named model's is PPO): on this task PPO's result depends on the
 # seed. At seed 1 PPO's policy settles on "The capital of X is Y." sentences (partial credit, right
 # more often than this 135M model's one-word guesses on the first questions it draws), and the
-# exactly-right count stays 0 / 96 in every variant measured on that SFT policy: advantages centred
+# exactly-right count stays at 0-3 / 96 in every variant measured on that SFT policy: advantages centred
 # on each question's other answers, or normalised per question as GRPO's (also with a critic lr of
 # 1e-5 or GAE lambda 1), lr 1e-3 / 1.25e-3, 2 epochs, 16 answers x 20 iterations, 4 questions x 4
 # answers x 24, a lower partial credit (0.1 + 0.3 / n), 80 one-word answers in the SFT set; only
 # --reward-norm reached 25 / 31 there, and it collapsed seed 0 to 0 / 2. GRPO meets both seeds
-# (`auto`, RM trained: seed 0 0 / 39 -> 20 / 37, seed 1 0 / 40 -> 29 / 45, 5.6 and 5.4 min). Which
-# run finds the one-word format is a draw for either algorithm: PPO given GRPO's advantages takes
-# GRPO's first update and samples differently from the second rollout on (README, "The embedded demo").
+# (`auto`, RM trained: seed 0 0 / 39 -> 20 / 37, seed 1 0 / 40 -> 29 / 45, 5.6 and 5.4 min); at
+# seeds 2 and 3 neither finds the format (GRPO 2 and 0 / 96, PPO 1 and 1). Which run finds it is a
+# draw for either algorithm: PPO given GRPO's advantages takes GRPO's first update and samples
+# differently from the second rollout on (README, "The embedded demo").
 DEMO_GROUP = {"train_rm": True, "samples_per_prompt": 8, "ppo_lr": 5e-4, "ppo_iterations": 40}
 NAMED_GROUP = {"samples_per_prompt": 4, "ppo_iterations": 40}
 
