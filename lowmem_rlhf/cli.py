@@ -996,6 +996,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         rank = _data_parallel(sys.argv[1:] if argv is None else argv)
         app(args=argv, prog_name="lowmem-rlhf", standalone_mode=False)
+        from lowmem_rlhf.runtime.distributed import shutdown
+
+        shutdown()  # launched: the ranks leave the process group together, not at interpreter teardown
     except UserError as e:
         err.print(f"{rank}error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))

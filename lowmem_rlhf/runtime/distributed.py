@@ -135,6 +135,20 @@ def world() -> World:
     return _WORLD
 
 
+def shutdown() -> None:
+    """Leave the process group once a command has finished on every rank: a barrier, so no rank
+    tears its connections down while another still talks to it, then `destroy_process_group`.
+    Left to interpreter teardown, gloo's threads can die with the process: once in CI
+    (2026-12-01) a rank of a 2-process ZeRO-3 SFT exited with SIGABRT ("terminate called without
+    an active exception") and failed the run. Without a launcher nothing changes (a one-process
+    ZeRO-3 run keeps the group DeepSpeed made, as before: tests run several in one process)."""
+    global _WORLD
+    if launched() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _WORLD = None
+
+
 class _Params(torch.nn.Module):
     """The trainable parameters of one adapter, as a module DDP can wrap; forward(fn, *a) runs fn."""
 
