@@ -367,6 +367,7 @@ def test_auto_with_a_programmatic_reward_skips_the_reward_model(tiny_llama, tmp_
     assert s["rm"] is None and not (run / "rm").exists()
     assert (run / "sft" / "summary.json").exists() and (run / "ppo" / "summary.json").exists()
     assert "reward model skipped" in out and s["heldout_checker_ppo"] is not None
+    assert "held-out exactly the answer (SFT -> PPO)" in out and (run / "ppo" / "ppo.png").exists()
     assert s["heldout_correct_ppo"] is not None and s["heldout_n"] == 96
 
 
