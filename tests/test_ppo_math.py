@@ -107,6 +107,28 @@ def test_policy_loss_by_hand():
     assert out.approx_kl.item() == pytest.approx((0.5 - math.log(1.5) - 0.5 - math.log(0.5)) / 2)
 
 
+def test_clipped_surrogate_flags_exactly_the_tokens_whose_gradient_the_clip_removes_and_grpo_shares_it():
+    """The clip flag is what the gradient says (zero there, non-zero elsewhere), for both signs of
+    the advantage; PPO's and GRPO's losses are the same surrogate (token mean, no KL)."""
+    from lowmem_rlhf.algo.grpo_math import group_policy_loss
+    from lowmem_rlhf.algo.ppo_math import clipped_surrogate
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    logp = (old + 0.5 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64)[:, None].expand(4, 6)
+    per_token, ratio, _, clipped = clipped_surrogate(logp, old, adv, 0.2)
+    per_token.sum().backward()
+    assert clipped.any() and (~clipped).any()
+    assert (logp.grad[clipped] == 0).all() and (logp.grad[~clipped] != 0).all()
+    assert torch.equal(clipped, (ratio > 1.2) & (adv > 0) | (ratio < 0.8) & (adv < 0))
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    ppo = policy_loss(logp, old, adv, mask, clip=0.2)
+    grpo = group_policy_loss(logp, old, None, adv[:, 0], mask, 0.2, 0.0, "token", mask.sum())
+    assert ppo.loss.item() == pytest.approx(grpo.loss.item(), abs=1e-12)
+    assert ppo.clip_frac.item() == grpo.clip_frac.item() == clipped.double().mean().item()
+
+
 def test_policy_loss_with_the_kl_in_it_adds_the_k3_term_by_hand():
     """--kl-penalty loss: each token adds kl_coef x k3, with k3 = r - 1 - ln r, r = p_ref / p. Its
     gradient pulls the log-prob toward the reference's: d/dlogp = 1 - r, 0 at the reference. A

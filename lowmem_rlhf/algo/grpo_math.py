@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_rlhf.algo.ppo_math import masked_k3, masked_mean
+from lowmem_rlhf.algo.ppo_math import clipped_surrogate, masked_k3, masked_mean
 
 STD_EPS = 1e-4  # added to the group std: a group whose rewards are all equal gets advantage 0, not 0/0
 
@@ -54,8 +54,8 @@ class GroupLoss:
 def group_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                       advantages: torch.Tensor, mask: torch.Tensor, clip: float, beta: float, agg: str,
                       denom: torch.Tensor | float) -> GroupLoss:
-    """Per token: max(-A r, -A clip(r, 1 - clip, 1 + clip)) + beta x k3(logp, ref_logp), with
-    r = exp(logp - old_logp) and A the row's advantage. logp, old_logp, ref_logp, mask (B, R);
+    """Per token: PPO's clipped surrogate (`ppo_math.clipped_surrogate`) + beta x k3(logp,
+    ref_logp), A the row's advantage. logp, old_logp, ref_logp, mask (B, R);
     advantages (B,), or (B, R) broadcast already. The sum, over rows and tokens, is divided by `denom`:
 
     * agg "token": denom = response tokens of the whole minibatch: the token mean over it;
@@ -63,10 +63,8 @@ def group_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torc
 
     Passing the minibatch's count makes micro-batch losses add up to the minibatch's loss, so the
     accumulated gradient does not depend on the micro-batch size. ref_logp None (beta 0): no KL term."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
     adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(logp.dtype)
-    per_token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    per_token, ratio, log_ratio, clipped = clipped_surrogate(logp, old_logp, adv, clip)
     kl = masked_k3(logp, ref_logp, mask) if ref_logp is not None else None
     if kl is not None and beta:
         per_token = per_token + beta * kl
@@ -77,7 +75,6 @@ def group_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torc
     else:
         raise ValueError(f"loss aggregation must be token or sequence, got {agg!r}")
     with torch.no_grad():
-        clipped = (ratio < 1 - clip) & (adv < 0) | (ratio > 1 + clip) & (adv > 0)
         stats = dict(kl=masked_mean(kl, mask) if kl is not None else torch.zeros((), device=logp.device),
                      clip_frac=masked_mean(clipped.float(), mask), ratio_mean=masked_mean(ratio, mask),
                      max_abs_log_ratio=(log_ratio.abs() * mask).max())

@@ -257,23 +257,32 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | float
     return (x * mask).sum() / tokens
 
 
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token, shared by PPO and GRPO/RLOO: max(-A r, -A clip(r, 1-eps,
+    1+eps)), r = exp(logp - old_logp). logp, old_logp (B, T); advantages (B, T) or broadcastable.
+    -> (per-token loss, r, log r, clipped), all (B, T); `clipped` marks the tokens whose gradient
+    the clip removed: r > 1 + eps with A > 0, or r < 1 - eps with A < 0."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    per_token = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
+    clipped = (ratio > 1 + clip) & (advantages > 0) | (ratio < 1 - clip) & (advantages < 0)
+    return per_token, ratio, log_ratio, clipped
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float = 0.2, tokens: torch.Tensor | float | None = None,
                 ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0) -> PolicyLoss:
-    """Clipped surrogate: token mean (see token_mean) of max(-A r, -A clip(r, 1-eps, 1+eps)),
-    r = p / p_old; (B, T) inputs. With ref_logp and kl_coef > 0 (--kl-penalty loss), each token adds
-    kl_coef x k3(policy || reference), whose gradient pulls every token toward the reference. The
-    statistics are means over this call's tokens."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    per_token = torch.maximum(pg1, pg2)
+    """Clipped surrogate (`clipped_surrogate`), token mean (see token_mean); (B, T) inputs. With
+    ref_logp and kl_coef > 0 (--kl-penalty loss), each token adds kl_coef x k3(policy || reference),
+    whose gradient pulls every token toward the reference. The statistics are means over this
+    call's tokens."""
+    per_token, ratio, log_ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
     if ref_logp is not None and kl_coef:
         per_token = per_token + kl_coef * masked_k3(logp, ref_logp, mask)
     loss = token_mean(per_token, mask, tokens)
     with torch.no_grad():
-        clip_frac = masked_mean((pg2 > pg1).float(), mask)
+        clip_frac = masked_mean(clipped.float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 of new vs old
         ratio_mean = masked_mean(ratio, mask)
         max_abs_log_ratio = (log_ratio.abs() * mask).max()
@@ -293,5 +302,5 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 __all__ = ["LogitMap", "IDENTITY", "VOCAB_CHUNK", "token_logprobs", "token_entropy", "masked_mean", "masked_var", "whiten", "kl_estimate", "masked_k3",
-           "FixedKLController", "AdaptiveKLController", "shaped_rewards", "gae", "policy_loss",
+           "FixedKLController", "AdaptiveKLController", "shaped_rewards", "gae", "clipped_surrogate", "policy_loss",
            "value_loss", "PolicyLoss", "token_mean", "RunningMoments"]

@@ -103,7 +103,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
         console.print("2/3 reward model skipped: the reward is a program")
     program = cfg.reward or cfg.reward_cmd
     # the RM is a reward unless it was trained beside a program with --no-rm-reward
-    rm_rewards = rm is not None and not (program and not cfg.rm_reward)
+    rm_rewards = rm is not None and (not program or cfg.rm_reward)
     if rm is not None and not rm_rewards:
         console.print(f"the reward model is trained and scored, not a reward: RL optimises {program} alone "
                       "(--rm-reward adds it)")
