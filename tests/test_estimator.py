@@ -116,8 +116,7 @@ def test_cpu_target_counts_everything_in_ram():
 
 
 def test_cpu_training_estimates_warn_of_the_retained_heap():
-    """Issue 17: at the SFT/RM defaults on a CPU the process's RSS was 1.3-1.6x the estimate (1.1x
-    and 1.4x with torch's huge pages, `test_host_memory.py`),
+    """Issue 17: at the SFT/RM defaults on a CPU the process's RSS was 1.3-1.6x the estimate,
     glibc's freed-but-kept heap (docs/speed.md); the estimate says so where it applies, and not
     on a GPU."""
     from lowmem_rlhf.config import Shape, load_profile
