@@ -94,14 +94,13 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                 SFTConfig(data=cfg.sft_data, max_len=cfg.seq_len, batch=cfg.sft_batch, max_steps=cfg.sft_steps,
                           **common))
     rm = None
-    program = bool(cfg.reward or cfg.reward_cmd)
+    program = cfg.reward or cfg.reward_cmd  # the program reward, if any
     if not program or cfg.train_rm:
         rm = stage("rm", f"2/3 reward model on {cfg.pairs}", run_rm,
                    RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.seq_len, batch=cfg.rm_batch,
                             max_steps=cfg.rm_steps, eval_fraction=0.1, **common))
     else:
         console.print("2/3 reward model skipped: the reward is a program")
-    program = cfg.reward or cfg.reward_cmd
     # the RM is a reward unless it was trained beside a program with --no-rm-reward
     rm_rewards = rm is not None and (not program or cfg.rm_reward)
     if rm is not None and not rm_rewards:
