@@ -13,8 +13,6 @@ the device on the hot path: the counters are read as the allocator keeps them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import threading
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from lowmem_rlhf.runtime.host_heap import release_freed_heap
 
 SAMPLE_SECONDS = 0.005  # RSS sampling period inside a phase
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -34,23 +34,6 @@ def rss() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return psutil.Process().memory_info().rss
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """glibc, opened once (None where there is none: musl, macOS)."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _trim() -> None:
-    """Return freed heap to the OS (glibc keeps it, and RSS with it), so a phase's sampled peak is
-    what that phase holds, not memory freed long ago. It does not touch VmHWM."""
-    with contextlib.suppress(AttributeError):
-        if (libc := _libc()) is not None:
-            libc.malloc_trim(0)
 
 
 class RssSampler:
@@ -109,7 +92,7 @@ class MemoryMeter:
     def phase(self, name: str):
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _trim()
+        release_freed_heap()  # the phase's peak is what it holds, not heap freed long ago (VmHWM untouched)
         token = SAMPLER.open()
         try:
             yield

@@ -513,8 +513,9 @@ def estimate(spec: ModelSpec, profile: Profile, stage: str, shape: Shape, target
     if target == "cpu":
         notes.append("planned for the CPU: figures are host RAM; paged optimizers are not paged on CPU")
         if stage in ("sft", "rm"):  # measured: docs/speed.md
-            notes.append("the process's RSS can exceed these figures by the freed heap glibc keeps (SmolLM2 on a CPU: "
-                         "1.3-1.6x at the SFT/RM defaults); MALLOC_MMAP_THRESHOLD_=1048576 returns it, at up to 40% "
+            notes.append("the process's RSS can exceed these figures by the freed heap glibc keeps within a micro-batch "
+                         "(the stage gives it back after each one; SmolLM2 at the CPU defaults: SFT 1.03-1.14x, RM "
+                         "1.32x); MALLOC_MMAP_THRESHOLD_=1048576 returns the rest, at up to 40% "
                          "slower steps (docs/speed.md)")
     return Estimate(stage, spec.name, profile.name, target, phases, notes)
 
