@@ -492,8 +492,7 @@ def auto(
     cfg = _config(AutoConfig, locals(), None).resolve()
     s = cfg.shape()
     profiles = ",".join(p.name for p in runnable_profiles(load_all_profiles()))  # what auto can run
-    rm_runs = not (cfg.reward or cfg.reward_cmd) or bool(cfg.train_rm)
-    stages = "sft,rm,ppo" if rm_runs else "sft,ppo"
+    stages = "sft,rm,ppo" if cfg.trains_rm() else "sft,ppo"
     p = _run_plan(gpu, vram, ram, model or "smollm2-135m", s.seq_len, s.batch, s.prompt_len, s.response_len,
                   s.rollout_batch, stages, profiles, as_json, trust_remote_code, max_vram, cfg.algo)
     if dry_run:

@@ -487,6 +487,11 @@ class AutoConfig:
             fill.pop("reward", None)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
+    def trains_rm(self) -> bool:
+        """Whether `auto` runs the reward-model stage: always without a program reward (--reward,
+        --reward-cmd), with one only under --train-rm (the plan and the run ask this one rule)."""
+        return not (self.reward or self.reward_cmd) or bool(self.train_rm)
+
     def shape(self) -> Shape:
         """The shape `auto` plans for: the one its stages run (the longer of SFT/RM's batches)."""
         return Shape(seq_len=self.seq_len, batch=max(self.sft_batch, self.rm_batch), prompt_len=self.prompt_len,

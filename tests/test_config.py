@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_rlhf.config import (
+    AutoConfig,
     Profile,
     Shape,
     list_profiles,
@@ -79,3 +80,14 @@ def test_profile_validation_in_code():
     with pytest.raises(UserError):
         Profile(quant="int8", lora_r=0)
     assert Profile(quant="none", lora_r=0).is_lora is False
+
+
+def test_auto_runs_the_reward_model_stage_without_a_program_reward_or_when_asked():
+    """One rule for `auto`'s plan (cli) and its run (stages.auto): the RM stage runs unless a
+    program reward replaces it, and then only under --train-rm."""
+    assert AutoConfig().resolve().trains_rm()  # the demo: the checker, and the RM trained beside it
+    assert AutoConfig(model="m").resolve().trains_rm()  # a named model: its RM is the reward
+    assert not AutoConfig(model="m", reward="pkg.mod:fn").resolve().trains_rm()
+    assert not AutoConfig(model="m", reward_cmd="./solver").resolve().trains_rm()
+    assert AutoConfig(model="m", reward_cmd="./solver", train_rm=True).resolve().trains_rm()
+    assert not AutoConfig(train_rm=False).resolve().trains_rm()  # the demo with --no-train-rm

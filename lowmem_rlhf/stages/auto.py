@@ -95,7 +95,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                           **common))
     rm = None
     program = cfg.reward or cfg.reward_cmd  # the program reward, if any
-    if not program or cfg.train_rm:
+    if cfg.trains_rm():
         rm = stage("rm", f"2/3 reward model on {cfg.pairs}", run_rm,
                    RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.seq_len, batch=cfg.rm_batch,
                             max_steps=cfg.rm_steps, eval_fraction=0.1, **common))
