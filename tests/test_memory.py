@@ -1,6 +1,7 @@
 """The phase meter: per-phase host peaks sampled from a thread, without resetting the process's
 own high-water mark (issue 17: the old reset made `/usr/bin/time -v` and ru_maxrss report
-1.59 GiB for a run that peaked at 1.99 GiB); and an SFT/RM micro-batch's backward on a CPU handing back the heap glibc kept."""
+1.59 GiB for a run that peaked at 1.99 GiB); and an SFT/RM micro-batch's backward on a CPU
+handing back the heap glibc kept."""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ class PlainTrainer:
             # the next micro-batch, padded to another length, would land beside the holes this one
             # left in glibc's heap and grow the process past what it holds. Measured at the CPU
             # defaults (docs/speed.md): SFT peak 4.4 -> 3.6-3.95 GiB at ~13% longer steps, RM 7.3 ->
-            # 6.1 GiB at about the same. Not in the RL updates: auto took 6:20 with it there
+            # 6.1 GiB at about the same. Not in the RL updates: their peak is under the estimate, and
+            # `auto` took 6:20 with them trimmed too (5:50 without; 5:23 with no trim at all)
             release_freed_heap()
 
     def step(self, fault: tuple[str, int, int] | None = None) -> dict:
