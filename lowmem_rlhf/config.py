@@ -487,10 +487,14 @@ class AutoConfig:
             fill.pop("reward", None)
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
+    def program_reward(self) -> str | None:
+        """The program reward, if any: --reward's function or --reward-cmd's command."""
+        return self.reward or self.reward_cmd
+
     def trains_rm(self) -> bool:
-        """Whether `auto` runs the reward-model stage: always without a program reward (--reward,
-        --reward-cmd), with one only under --train-rm (the plan and the run ask this one rule)."""
-        return not (self.reward or self.reward_cmd) or bool(self.train_rm)
+        """Whether `auto` runs the reward-model stage: always without a program reward, with one
+        only under --train-rm (the plan and the run ask this one rule)."""
+        return not self.program_reward() or bool(self.train_rm)
 
     def shape(self) -> Shape:
         """The shape `auto` plans for: the one its stages run (the longer of SFT/RM's batches)."""

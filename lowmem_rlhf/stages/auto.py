@@ -94,7 +94,7 @@ def run_auto(cfg: AutoConfig, plan_dict: dict | None, console, resume: bool = Fa
                 SFTConfig(data=cfg.sft_data, max_len=cfg.seq_len, batch=cfg.sft_batch, max_steps=cfg.sft_steps,
                           **common))
     rm = None
-    program = cfg.reward or cfg.reward_cmd  # the program reward, if any
+    program = cfg.program_reward()
     if cfg.trains_rm():
         rm = stage("rm", f"2/3 reward model on {cfg.pairs}", run_rm,
                    RMConfig(data=cfg.pairs, init_from=run / "sft", max_len=cfg.seq_len, batch=cfg.rm_batch,
