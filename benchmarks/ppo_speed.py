@@ -2,6 +2,7 @@
 per phase, with the mean response length and the peak RSS (CPU, SmolLM2-135M-Instruct).
 
     python benchmarks/ppo_speed.py [--out runs/bench-ppo-speed] [--iterations 8] [--label after]
+                                   [--ppo-args=--no-values-at-update]
 
 The setting: the embedded SmolLM2-135M-Instruct in fp32; LoRA r 8 / alpha 16 on every linear
 layer, gradient checkpointing on, plain AdamW (the profile is written to OUT/fp32-r8.yaml); 8
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the PPO process (default: adapted "
                     "to the free cores)")
     ap.add_argument("--busy", type=int, default=0, help="CPU-burning neighbour processes (busy loops) during the PPO run")
+    ap.add_argument("--ppo-args", default="", help="more `lowmem-rlhf ppo` flags for this row, one string "
+                    "(written --ppo-args=--no-values-at-update: the row before that change)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prof, prompts = args.out / "fp32-r8.yaml", args.out / "prompts.jsonl"
@@ -126,7 +130,8 @@ def main() -> None:
         wall, sampled, ru = run(["ppo", "--prompts", str(prompts), "--out", str(args.out), "--reward-model",
                                  str(args.out / "rm"), "--iterations", str(args.iterations), "--rollout-batch", "8",
                                  "--prompt-len", "64", "--response-len", "32", "--ppo-epochs", "1", "--minibatches",
-                                 "1", "--temperature", "1", "--save-every", "0", *env_threads, *common], args.out / "ppo.log")
+                                 "1", "--temperature", "1", "--save-every", "0", *env_threads, *shlex.split(args.ppo_args),
+                                 *common], args.out / "ppo.log")
     finally:
         for b in busy:
             b.kill()
@@ -139,7 +144,7 @@ def main() -> None:
            "peak_rss_gib_sampled": sampled / 2**30, "peak_rss_gib_ru_maxrss": ru / 2**30,
            "wall_seconds_ppo_process": wall, "iterations": args.iterations, "prompts": n_prompts,
            "forwards_per_iteration": {k[len("forwards_"):]: rows[-1][k] for k in rows[-1] if k.startswith("forwards_")},
-           "threads": args.threads or "adaptive", "busy_neighbours": args.busy,
+           "threads": args.threads or "adaptive", "busy_neighbours": args.busy, "ppo_args": args.ppo_args,
            "threads_seen": sorted({r.get("threads") for r in rows if r.get("threads")}),
            "commit": _commit(), "when": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": os.getloadavg()[0]}
     result = json.loads(RESULT.read_text()) if RESULT.exists() else {}

@@ -570,6 +570,7 @@ def ppo(
     reward_norm: bool = option(PPOConfig, "reward_norm"),
     reward_scale: bool = option(PPOConfig, "reward_scale"),
     whiten_advantages: bool = option(PPOConfig, "whiten_advantages"),
+    values_at_update: bool = option(PPOConfig, "values_at_update"),
     eval_prompts: Optional[str] = option(PPOConfig, "eval_prompts"),
     eval_reward: Optional[str] = option(PPOConfig, "eval_reward"),
     seed: int = option(PPOConfig, "seed"),

@@ -378,6 +378,9 @@ class PPOConfig(RLConfig):
     gamma: float = knob(1.0, "GAE discount")
     lam: float = knob(0.95, "GAE lambda")
     vf_clip: float = knob(0.2, "value clip range")
+    values_at_update: bool = knob(True, "with --minibatches 1, the critic's old values come from its first update "
+                                        "forward, at the rollout's parameters, instead of a scoring forward (one "
+                                        "critic forward fewer per iteration; the critic updates before the actor)")
     whiten_advantages: bool = knob(True, "normalise advantages to mean 0, std 1 over the rollout (--no-whiten: "
                                           "as computed; a small rollout whose scores are all equal is then not "
                                           "scaled up from the critic's errors)", flag="--whiten/--no-whiten")

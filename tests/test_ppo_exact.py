@@ -273,6 +273,82 @@ def test_gradient_does_not_depend_on_the_micro_batch(byte_llama, loss_of, role, 
         assert (plain - grads[8]).abs().max() > 1e-4
 
 
+def _values_at_update_run(model: Path, tmp: Path, later: bool, B=8, P=6, R=5) -> dict:
+    """make_experience + two PPO epochs of one minibatch (micro-batches of 4, checkpointing on, KL
+    in the reward, whitening on) on a fixed rollout with ragged responses, from seeded nonzero
+    actor and critic adapters (a fresh critic's head is 0: its values would all be 0)."""
+    from lowmem_rlhf.algo.experience import Rollout, make_experience
+    from lowmem_rlhf.algo.ppo import ppo_update
+    from lowmem_rlhf.algo.rewards import RewardSet
+    from lowmem_rlhf.algo.roles import Roles
+    from lowmem_rlhf.runtime.oom import MicroBatch
+    from lowmem_rlhf.runtime.optim import make_optimizer
+
+    torch.manual_seed(0)  # the critic adapter's initialisation
+    prof = replace(_fp32_profile(), grad_ckpt=True)
+    eng = SharedBase(load_model(str(model), prof), prof, seed=0)
+    attach_roles(eng, None)
+    disable_dropout(eng.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in eng.model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(0, 0.05, generator=g)
+    seqs = torch.randint(3, 259, (B, P + R), generator=g)
+    m = (torch.arange(R)[None] < torch.randint(1, R + 1, (B,), generator=g)[:, None]).float()
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long), m.long()], 1)
+    ro = Rollout(seqs, mask, seqs[:, P:], m, ["p"] * B, ["t"] * B, torch.ones(B, dtype=torch.bool))
+    scores = torch.randn(B, generator=g).tolist()
+    rewards = RewardSet({"reward": lambda prompts, texts: scores}, False, {"reward": 1.0})
+    roles = Roles({r: eng for r in ("actor", "critic", "reward", "reference")})
+    cfg = PPOConfig(ppo_epochs=2, minibatches=1, values_at_update=later)
+    mb = MicroBatch(4, "ppo", tmp, prof.name, knob="", elastic=False)
+    exp = make_experience(roles, lambda size: ro, cfg, 0.05, rewards, mb, mb, 1)
+    pending = exp.values_pending
+    opts = {}
+    for role in ("actor", "critic"):
+        eng.use(role)
+        opts[role] = make_optimizer(eng.parameters_of(role), "adamw", lr=1e-2)
+    def adapters() -> dict[str, torch.Tensor]:  # every adapter's weights and heads
+        return {n: p.detach().clone() for n, p in eng.model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+
+    before = adapters()
+    stats = ppo_update(roles, exp, cfg, opts, {}, mb, 1, torch.Generator().manual_seed(1))
+    return {"pending": pending, "values": exp.values, "advantages": exp.advantages, "returns": exp.returns,
+            "before": before, "after": adapters(),
+            "critic_entries": roles.entries["critic"], "stats": stats, "mask": m}
+
+
+def test_critic_values_taken_at_its_update_give_the_same_ppo_step(byte_llama, tmp_path):
+    """--values-at-update (the default with one minibatch per epoch): the critic does not run in
+    scoring; its first update forward, at the rollout's parameters, gives the old values, and the
+    critic steps before the actor. Against a scoring forward (--no-values-at-update), from the
+    same adapters and rollout, fp32: the same values, advantages and returns, the same actor and
+    critic parameters after two epochs (within 1e-5: an eval-mode no-grad forward against a
+    train-mode checkpointed one), one critic activation fewer, nothing value-clipped in the first
+    minibatch."""
+    at_update = _values_at_update_run(byte_llama, tmp_path / "update", True)
+    scoring = _values_at_update_run(byte_llama, tmp_path / "scoring", False)
+    assert at_update["pending"] and not scoring["pending"]
+    # 2 epochs of one step (+ scoring: 2 micro-batches of 4)
+    assert at_update["critic_entries"] == 2 and scoring["critic_entries"] == 4
+    m = scoring["mask"].bool()
+    assert scoring["values"][m].std() > 1e-2 and scoring["advantages"][m].std() > 0.5  # not trivial
+    for k in ("values", "advantages", "returns"):
+        diff = float((at_update[k] - scoring[k]).abs().max())
+        assert diff < 1e-5, (k, diff)
+    for role in ("actor", "critic"):  # each stepped
+        moved = max(float((scoring["after"][n] - scoring["before"][n]).abs().max()) for n in scoring["after"]
+                    if f".{role}." in n)
+        assert moved > 1e-3, role
+    assert at_update["before"].keys() == scoring["before"].keys()
+    for n in scoring["after"]:
+        assert torch.equal(at_update["before"][n], scoring["before"][n]), n
+        diff = float((at_update["after"][n] - scoring["after"][n]).abs().max())
+        assert diff < 1e-5, (n, diff)
+    assert float(at_update["stats"]["first_vf_clip_frac"]) == 0.0
+
+
 def test_logsoftmax_is_fp32_on_a_bf16_model(byte_llama):
     """bf16 weights, logits of magnitude ~10-30: the log-probs are within 1e-3 nats of an fp64
     reference from the same hidden states (16-bit logits would be off by up to ~0.1)."""

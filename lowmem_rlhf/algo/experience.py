@@ -7,6 +7,8 @@
                     (adapters off), old log-probs + entropy (actor), values (critic); one
                     micro-batch at a time
       then        per-token KL penalty, shaped rewards, GAE advantages and returns, whitening
+    With one minibatch per epoch (`values_at_update`) the critic's values, and the GAE that needs
+    them, wait for the critic's first update forward (`Experience.take_values`, `algo.ppo`).
 
 The stage (`stages/ppo.py`) and the meta-device simulation (`measure/simulate.py`) both call it;
 only the sampler differs, because `generate` decides on data (EOS, sampling) that meta tensors
@@ -71,6 +73,23 @@ class Experience(Rollout):
     returns: torch.Tensor | None = None  # (B, R) advantages + values
     components: dict[str, torch.Tensor] | None = None  # (B,) each reward's own score (`algo.rewards.RewardSet`)
     kl_loss_coef: float = 0.0  # weight of the actor loss's k3 KL term (PPO --kl-penalty loss); 0: none
+    values_pending: bool = False  # values, advantages, returns: zeros until the critic's first update forward
+
+    def take_values(self, idx: list[int] | slice, values: torch.Tensor, gamma: float, lam: float) -> None:
+        """The critic's values of the rows `idx` (b, R), from a forward at the rollout's parameters
+        (its first update forward, `algo.ppo.critic_loss`): kept as the old values, with those rows'
+        GAE advantages (not yet whitened) and returns. GAE runs along each row alone, so rows taken
+        in any grouping give what one pass over the batch gives."""
+        self.values[idx] = values.to(self.values.dtype)
+        self.advantages[idx], self.returns[idx] = M.gae(self.rewards[idx], self.values[idx],
+                                                        self.response_mask[idx], gamma, lam)
+
+    def values_taken(self, whiten: bool) -> None:
+        """Every row's values were taken (`take_values`): whiten the advantages over the batch (the
+        global batch in a data-parallel run) where asked, as `make_experience` does otherwise."""
+        if whiten:
+            self.advantages = M.whiten(self.advantages, self.response_mask, reduce=global_sum())
+        self.values_pending = False
 
     @property
     def prompt_len(self) -> int:
@@ -349,6 +368,13 @@ def global_sum() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return w.sum if w.size > 1 else None
 
 
+def values_at_update(cfg) -> bool:
+    """Whether the critic's old values are taken at its first update forward rather than by a
+    scoring forward: cfg.values_at_update and one minibatch per epoch, so that forward runs on
+    every row at the parameters of the rollout (`algo.ppo.ppo_update` steps the critic first)."""
+    return bool(getattr(cfg, "values_at_update", False)) and cfg.minibatches <= 1
+
+
 def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConfig, kl_coef: float,
                     rewards: RewardSet, gen_mb: MicroBatch, mb: MicroBatch, iteration: int,
                     phase: Phase = lambda name: contextlib.nullcontext(),
@@ -356,22 +382,27 @@ def make_experience(roles: Roles, sample: Callable[[int], Rollout], cfg: PPOConf
     """One PPO rollout, sampled and scored (`sample_and_score`: generation -> scoring by the
     rewards, reference, actor and critic) -> KL, shaped rewards, GAE. kl_coef: this iteration's KL
     coefficient: on the reward's tokens, or (cfg.kl_penalty "loss") on the actor loss's k3 term.
-    moments: the running score moments (--reward-norm, --reward-scale), updated here; None: raw scores."""
-    sc = sample_and_score(roles, sample, cfg, rewards, gen_mb, mb, iteration, phase)
+    moments: the running score moments (--reward-norm, --reward-scale), updated here; None: raw scores.
+    Where `values_at_update(cfg)`, the critic does not run here: values, advantages and returns are
+    zeros, filled by the critic's first update forward (Experience.values_pending)."""
+    later = values_at_update(cfg)
+    sc = sample_and_score(roles, sample, cfg, rewards, gen_mb, mb, iteration, phase, critic=not later)
     ro, m = sc.rollout, sc.rollout.response_mask
     kl = M.kl_estimate(sc.old_lp, sc.ref_lp, cfg.kl_estimator) * m
     train_scores = adjust_scores(sc.scores, ro.ended, cfg, moments)
     in_loss = cfg.kl_penalty == "loss"
     shaped = M.shaped_rewards(train_scores, kl, m, 0.0 if in_loss else kl_coef)
-    adv, returns = M.gae(shaped, sc.values, m, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        adv = M.whiten(adv, m, reduce=global_sum())  # the global batch's mean and std
-    return Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=sc.old_lp,
-                      ref_logprobs=sc.ref_lp, values=sc.values, entropy=sc.entropy, scores=sc.scores,
-                      train_scores=train_scores, kl=kl, rewards=shaped, advantages=adv, returns=returns,
-                      components=sc.components, kl_loss_coef=kl_coef if in_loss else 0.0)
+    exp = Experience(ro.seqs, ro.mask, ro.response, m, ro.prompts, ro.texts, ro.ended, logprobs=sc.old_lp,
+                     ref_logprobs=sc.ref_lp, values=torch.zeros_like(shaped) if later else sc.values,
+                     entropy=sc.entropy, scores=sc.scores, train_scores=train_scores, kl=kl, rewards=shaped,
+                     advantages=torch.zeros_like(shaped), returns=torch.zeros_like(shaped),
+                     components=sc.components, kl_loss_coef=kl_coef if in_loss else 0.0, values_pending=True)
+    if not later:
+        exp.take_values(slice(None), sc.values, cfg.gamma, cfg.lam)
+        exp.values_taken(cfg.whiten_advantages)  # the global batch's mean and std
+    return exp
 
 
 __all__ = ["Rollout", "Experience", "Scored", "stage_key", "sample_and_score", "make_experience", "score_rollout", "generate", "generate_in_chunks",
            "response_mask", "response_hidden", "logprobs_of", "entropy_of", "logit_map", "stop_ids", "ended_rows",
-           "adjust_scores", "logprobs_at_sampling"]
+           "adjust_scores", "logprobs_at_sampling", "values_at_update"]

@@ -53,9 +53,13 @@ def actor_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig,
 def critic_loss(eng: SharedBase, exp: Experience, idx: list[int], cfg: PPOConfig,
                 tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Clipped value loss over the rows `idx`, with the critic active, divided by `tokens` as
-    actor_loss -> (loss, stats)."""
+    actor_loss -> (loss, stats). Where the experience's values are pending (`values_at_update`),
+    this forward, the critic's first at the rollout's parameters, gives them (and the rows' GAE):
+    the loss is then the plain squared error, nothing clipped."""
     seqs, am = exp.rows(idx)
     v = eng.scalar(response_hidden(eng, seqs, am, exp.prompt_len))
+    if exp.values_pending:
+        exp.take_values(idx, v.detach(), cfg.gamma, cfg.lam)
     vl, vf = M.value_loss(v, exp.values[idx], exp.returns[idx], exp.response_mask[idx], cfg.vf_clip, tokens)
     return vl, {"value_loss": vl.detach(), "vf_clip_frac": vf}
 
@@ -134,16 +138,24 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
                losses: tuple[tuple[str, LossFn], ...] = PPO_LOSSES, epochs: int | None = None) -> dict[str, torch.Tensor]:
     """`epochs` (default cfg.ppo_epochs) passes over the experience, cfg.minibatches optimizer steps
     each; on each minibatch every (role, loss) of `losses` in turn, inside phase("<role>_update"):
-    PPO's actor then critic; GRPO/RLOO pass the actor and its group loss alone (`algo.grpo`).
+    PPO's actor then critic (critic first where values are pending, below); GRPO/RLOO pass the actor and its group loss alone (`algo.grpo`).
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1
     exactly when the update repeats the rollout's forward (no dropout, same temperature).
     on_step({"skipped", "overflow", "role"}) after each optimizer step: the stage counts skipped steps.
-    parking: only the updating role's optimizer state on the device (`OptimizerParking`)."""
+    parking: only the updating role's optimizer state on the device (`OptimizerParking`).
+    An experience whose critic values are pending (`algo.experience.values_at_update`: one
+    minibatch) steps the critic first: its first forward takes the values, and the advantages the
+    actor's step reads, at the rollout's parameters (the roles' steps are independent otherwise)."""
     B = len(exp.seqs)
     stats: dict[str, list[torch.Tensor]] = {}
     n_mb = minibatch_count(cfg.minibatches, B)
+    if exp.values_pending:
+        if n_mb != 1 or "critic" not in dict(losses):
+            raise ValueError(f"critic values pending with {n_mb} minibatches and losses {[r for r, _ in losses]}: "
+                             "they are taken by the critic's step over the whole rollout")
+        losses = tuple(sorted(losses, key=lambda rl: rl[0] != "critic"))
     first: dict[str, torch.Tensor] = {}
     for epoch in range(cfg.ppo_epochs if epochs is None else epochs):
         perm = torch.randperm(B, generator=order).tolist()
@@ -153,6 +165,8 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
                         (parking.active(role) if parking else contextlib.nullcontext()):
                     st, step_stats = update_adapter(eng, role, optimizers[role], schedulers.get(role), exp, chunk,
                                                  mb, iteration, loss_of, cfg)
+                if exp.values_pending and role == "critic":
+                    exp.values_taken(cfg.whiten_advantages)
                 on_step(step_stats)
                 for k in ("policy_loss", "value_loss"):  # micro-batch parts of one minibatch's loss
                     if k in st:

@@ -11,7 +11,8 @@ functions with their configs' defaults (no copied steps, no copied constants):
   `optimizer_step`.
 * PPO: `algo.experience.make_experience` (generation, scoring of every micro-batch by the reward,
   reference, actor and critic, KL, GAE) and `algo.ppo.ppo_update` (one epoch; later epochs repeat
-  the same allocations). Only the sampler is the simulation's own: `generate` decides on data
+  the same allocations; with one minibatch the critic's values and GAE come from its update's
+  first forward, as in the stage). Only the sampler is the simulation's own: `generate` decides on data
   (EOS, sampling) that meta tensors lack, so `_Rehearsal.generation` runs what it allocates: the
   prefill of the prompts into a `DynamicCache`, the cache grown to full length, two decode steps.
 
@@ -535,7 +536,9 @@ def simulate(model: str, profile: Profile, stage: str, shape: Shape, reward_mode
     buckets = ddp_bucket_bytes(loaded.spec, profile, stage) if data_parallel and profile.offload != "zero3" else 0
     by_name = {p.name: p for p in est.phases}
     out = []
-    for name, ph in phases.items():
+    # in the estimate's order (PPO with one minibatch runs the critic's update first: values_at_update)
+    for name in sorted(phases, key=lambda n: list(by_name).index(n) if n in by_name else len(by_name)):
+        ph = phases[name]
         paged = ph.by_tag.get("optimizer", 0) if profile.paged else 0
         tags = dict(ph.by_tag)
         if paged:

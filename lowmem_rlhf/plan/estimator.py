@@ -580,7 +580,11 @@ def _rl_phases(spec: ModelSpec, profile: Profile, shape: Shape, base: int, head:
     gen["dequant"] = dequant_transient_bytes(spec, profile)  # prefill: many tokens per 4-bit matmul
     parked = opt if park else 0
     phases.append(Phase("generation", gen, paged=paged, target=target, host=parked))
-    # scoring: reward (+ value and reference log-probs), forward only, one micro-batch at a time
+    # scoring: reward (+ value and reference log-probs), forward only, one micro-batch at a time; PPO
+    # with one minibatch takes the values at the critic's update instead (its first forward there,
+    # `algo.experience.values_at_update`): one forward fewer here, the same peak (forwards run one
+    # at a time); the critic update adds a few (mb, R) fp32 GAE temporaries (kilobytes; the
+    # simulation, which runs this path, counts them)
     score = dict(static)
     score["transient"] = layer_forward_transient(spec, profile, mb * S) + 2 * mb * S * spec.hidden_size * p
     score["logits"] = chunked_logprob_bytes(spec, profile, mb * R, grad=False)  # response tokens, chunked

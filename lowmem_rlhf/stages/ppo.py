@@ -3,7 +3,9 @@ is the base with adapters disabled (the SFT adapter is merged into that base fir
 
 Each iteration reads as a recipe:
   exp = make_experience(...)   generation, scoring (reward, reference, actor, critic), KL, GAE
-  ppo_update(...)              PPO epochs: actor then critic on each minibatch
+  ppo_update(...)              PPO epochs: actor then critic on each minibatch; with one minibatch
+                               (--values-at-update, the default) critic first, its first forward
+                               giving the values and GAE that scoring would have
   metrics_row(...)             the logged row, with each phase's measured and estimated peak
 The scaffold (`stages/scaffold.py`) owns the run folder, resume, checkpoints and the summary.
 """
