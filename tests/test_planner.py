@@ -65,6 +65,28 @@ def test_cpu_planning_uses_ram():
     assert any("ZeRO-3" in c.reason for c in p.candidates) or p.chosen.profile.rank < 40
 
 
+def test_a_cpu_puts_at_most_512_tokens_in_an_sft_or_rm_forward():
+    """On a CPU the SFT/RM micro-batch starts where a forward holds at most 512 tokens (an RM
+    example is a pair, two sequences): at 256 tokens SFT 2, RM 1 pair; at 128, SFT 4 (the
+    profile's), RM 2. The estimate is made at that micro-batch, the reason says why. A GPU keeps
+    the profile's 4, and so does a plan with an RL stage (`auto`'s one profile for its stages)."""
+    for seq, want in ((256, {"sft": 2, "rm": 1}), (128, {"sft": 4, "rm": 2})):
+        shape = Shape(seq_len=seq, batch=8)
+        for stage, mb in want.items():
+            c = _plan("smollm2-135m", stages=(stage,), shape=shape, ram_gib=16).chosen
+            assert c.profile.micro_batch == mb, (seq, stage, c.profile.micro_batch)
+            assert c.grad_accum == 8 // mb
+            assert ("512 tokens per forward" in c.reason) == (mb < 4), c.reason
+    gpu = _plan("smollm2-135m", stages=("rm",), shape=Shape(seq_len=256, batch=8), gpu="3090").chosen
+    assert gpu.profile.micro_batch == 4
+    joint = _plan("smollm2-135m", stages=("sft", "rm", "grpo"), shape=Shape(seq_len=256, batch=8), ram_gib=16).chosen
+    assert joint.profile.micro_batch == 4
+    one = _plan("smollm2-135m", stages=("rm",), shape=Shape(seq_len=256, batch=8), ram_gib=16).chosen
+    four = _plan("smollm2-135m", stages=("rm",), shape=Shape(seq_len=64, batch=8), ram_gib=16).chosen
+    # the estimate follows: 1 pair x 256 holds the activations of 4 pairs x 64
+    assert one.estimates["rm"].components["activations"] == four.estimates["rm"].components["activations"]
+
+
 def test_zero3_only_where_it_is_the_best_fit():
     # 13B SFT+RM on a 6 GiB card: 4-bit does not fit, 16-bit weights streamed from 64 GiB RAM do
     p = _plan("llama-2-13b", stages=("sft", "rm"), vram_gib=6, ram_gib=64)

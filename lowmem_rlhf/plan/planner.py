@@ -188,6 +188,20 @@ def _halvings(mb: int) -> list[int]:
     return out
 
 
+# On a CPU a larger micro-batch buys no throughput and costs host RAM: SmolLM2-135M, 2-core AVX-512
+# VM, bf16, 2026-12-02 (docs/speed.md): SFT at 256 tokens, micro-batch 4 / 2: 6.5 / 6.3 s per step,
+# peak RSS 3.95 / 2.50 GiB; RM at 256 tokens, micro-batch 4 / 2 / 1 pairs: 16.4-19.1 / 12.2-13.4 /
+# 12.4 s per step, 6.1 / 3.4-3.5 / 2.3 GiB (glibc keeps more freed heap in larger forwards).
+CPU_FORWARD_TOKENS = 512
+
+
+def cpu_micro_batch_cap(stages: tuple[str, ...], shape: Shape) -> int:
+    """The largest SFT/RM micro-batch whose forward holds at most CPU_FORWARD_TOKENS tokens at
+    shape.seq_len (an RM example is a pair: two sequences); at least 1."""
+    per_example = shape.seq_len * (2 if "rm" in stages else 1)
+    return max(1, CPU_FORWARD_TOKENS // max(per_example, 1))
+
+
 def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
          stages: tuple[str, ...] = STAGES, processes: int = 1, data_parallel: bool | None = None,
          reward_model: bool | None = None) -> Plan:
@@ -219,6 +233,9 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
             continue
         best = None
         mb0 = max(1, min(prof.micro_batch, shape.batch))
+        capped = hw.device != "cuda" and not rl and mb0 > cpu_micro_batch_cap(stages, shape)
+        if capped:  # SFT/RM on a CPU: at most CPU_FORWARD_TOKENS tokens per forward (RL stages keep theirs)
+            mb0 = next(m for m in _halvings(mb0) if m <= cpu_micro_batch_cap(stages, shape))
         # fastest first: no recomputation if it fits, then checkpointing at halving micro-batches
         trials = [(False, mb0)] if prof.grad_ckpt else []
         trials += [(prof.grad_ckpt, mb) for mb in _halvings(mb0)]
@@ -239,6 +256,9 @@ def plan(spec: ModelSpec, hw: Hardware, shape: Shape, profiles: list[Profile],
                     cand.reason = "fits without gradient checkpointing (faster)"
                 elif mb < prof.micro_batch:
                     cand.reason = f"fits at micro-batch {mb} x {cand.grad_accum} accumulation"
+                if capped and mb == mb0:
+                    cand.reason += (f"; micro-batch {mb}: at most {CPU_FORWARD_TOKENS} tokens per forward on a CPU "
+                                    "(no slower, less host RAM)")
                 if rl and g < shape.rollout_batch:
                     cand.reason += f", sampling {g} of {shape.rollout_batch} rollout rows at a time"
                 if note:
