@@ -138,7 +138,8 @@ def ppo_update(roles: Roles, exp: Experience, cfg: PPOConfig, optimizers: dict, 
                losses: tuple[tuple[str, LossFn], ...] = PPO_LOSSES, epochs: int | None = None) -> dict[str, torch.Tensor]:
     """`epochs` (default cfg.ppo_epochs) passes over the experience, cfg.minibatches optimizer steps
     each; on each minibatch every (role, loss) of `losses` in turn, inside phase("<role>_update"):
-    PPO's actor then critic (critic first where values are pending, below); GRPO/RLOO pass the actor and its group loss alone (`algo.grpo`).
+    PPO's actor then critic (critic first where values are pending, below); GRPO/RLOO pass the
+    actor and its group loss alone (`algo.grpo`).
     order: the generator that shuffles the rows. -> each loss statistic (0-d tensors): the mean
     over micro-batches (losses: summed per minibatch, then averaged), max_abs_log_ratio's max, and
     first_* for the first minibatch of the first epoch, taken before any step: its ratio is 1

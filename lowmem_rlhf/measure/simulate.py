@@ -12,9 +12,10 @@ functions with their configs' defaults (no copied steps, no copied constants):
 * PPO: `algo.experience.make_experience` (generation, scoring of every micro-batch by the reward,
   reference, actor and critic, KL, GAE) and `algo.ppo.ppo_update` (one epoch; later epochs repeat
   the same allocations; with one minibatch the critic's values and GAE come from its update's
-  first forward, as in the stage). Only the sampler is the simulation's own: `generate` decides on data
-  (EOS, sampling) that meta tensors lack, so `_Rehearsal.generation` runs what it allocates: the
-  prefill of the prompts into a `DynamicCache`, the cache grown to full length, two decode steps.
+  first forward, as in the stage). Only the sampler is the simulation's own: `generate` decides
+  on data (EOS, sampling) that meta tensors lack, so `_Rehearsal.generation` runs what it
+  allocates: the prefill of the prompts into a `DynamicCache`, the cache grown to full length,
+  two decode steps.
 
 `alloc_tracker.AllocTracker` counts every storage those ops create; the optimizers' state exists
 before the step (steady state), as in every step after the first.
